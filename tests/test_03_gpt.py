@@ -1,0 +1,419 @@
+"""Tests for 03_gpt.py: attention, positions, KV cache, safetensors, int8, learning, CLI, DDP, data."""
+import dataclasses
+import io
+import json
+import os
+import struct
+import tarfile
+
+import pytest
+import torch
+
+from conftest import load_script, run_script, run_torchrun
+
+TINY = dict(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+
+
+@pytest.fixture(scope="module")
+def m():
+    return load_script("03_gpt")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-for-bit repeatable CPU maths (and fair sharing of a 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A local text for the CLI tests (they must run without $LLM_DATA_DIR): 60 KB of random words."""
+    import random
+
+    rng = random.Random(0)
+    words = "the king and queen of england shall speak to my lord, good sir; what news? I pray you now.".split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)).capitalize() for _ in range(1000)]
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_gpt(m, **kw):
+    torch.manual_seed(0)
+    return m.GPT(m.GPTConfig(**{**TINY, **kw}))
+
+
+# --- attention and positions ------------------------------------------------------------------------
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_manual_attention_equals_sdpa(m, pos):
+    sdpa = tiny_gpt(m, pos=pos).double()
+    manual = m.GPT(m.GPTConfig(**{**TINY, "pos": pos, "attn": "manual"})).double()
+    manual.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(37, (3, 16))
+    out = []
+    for model in (sdpa, manual):
+        logits, loss = model(idx, idx)
+        loss.backward()
+        out.append((logits, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-10)
+    for g_sdpa, g_manual in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(g_sdpa, g_manual, rtol=1e-9, atol=1e-10)
+
+
+def test_rope_dot_product_depends_only_on_offset(m):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+
+    def rotated_dot(pq, pk):
+        cq, sq = m.rope_angles(torch.tensor([pq]), 16)
+        ck, sk = m.rope_angles(torch.tensor([pk]), 16)
+        return (m.apply_rope(q, cq.double(), sq.double()) * m.apply_rope(k, ck.double(), sk.double())).sum().item()
+
+    assert rotated_dot(5, 2) == pytest.approx(rotated_dot(105, 102), rel=1e-6)  # float32 angles
+    assert rotated_dot(7, 7) == pytest.approx(rotated_dot(0, 0), rel=1e-6)
+    assert rotated_dot(0, 0) == pytest.approx((q * k).sum().item(), rel=1e-12)  # angle 0: identity
+    assert rotated_dot(5, 2) != pytest.approx(rotated_dot(5, 3), rel=1e-3)  # but it does see the offset
+    c, s = m.rope_angles(torch.tensor([3]), 16)
+    assert m.apply_rope(q, c.double(), s.double()).norm().item() == pytest.approx(q.norm().item())  # a rotation
+
+
+def test_alibi_slopes_and_bias(m):
+    assert m.alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    # not a power of two (the paper's rule): 4 slopes of n=4, then every other slope of n=8
+    assert m.alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+    model = m.GPT(m.GPTConfig(**{**TINY, "n_head": 8, "n_embd": 32, "pos": "alibi"}))
+    bias = model._attn_bias(3, 0, "cpu")  # (nh, T, S)
+    inf = float("-inf")
+    assert bias[0].tolist() == [[0, inf, inf], [-0.5, 0, inf], [-1.0, -0.5, 0]]
+    assert bias[7, 2, 0].item() == -2 / 256
+    assert model._attn_bias(1, 2, "cpu")[0].tolist() == [[-1.0, -0.5, 0]]  # a cached decode step
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_causal_output_ignores_future_tokens(m, pos):
+    model = tiny_gpt(m, pos=pos).eval()
+    a = torch.randint(37, (2, 16))
+    b = a.clone()
+    b[:, 9:] = torch.randint(37, (2, 7))
+    la, _ = model(a, a)
+    lb, _ = model(b, b)
+    torch.testing.assert_close(la[:, :9], lb[:, :9])
+    assert not torch.allclose(la[:, 9:], lb[:, 9:])
+
+
+# --- generation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_kv_cache_generation_is_token_identical(m, pos):
+    model = tiny_gpt(m, pos=pos).eval()
+    prompt = torch.randint(37, (2, 5))
+    # 20 new tokens from 5 pass block_size 16: the cached path must also handle the sliding window
+    for kwargs in (dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=10, top_p=0.9)):
+        outs = []
+        for use_cache in (False, True):
+            torch.manual_seed(123)
+            outs.append(model.generate(prompt, 20, use_cache=use_cache, **kwargs))
+        assert torch.equal(outs[0], outs[1]), (pos, kwargs)
+        assert outs[0].shape == (2, 25) and torch.equal(outs[0][:, :5], prompt)
+    # the decode step's logits equal the last row of a full forward pass
+    caches = [m.KVCache(16) for _ in model.transformer.h]
+    model(prompt[:, :4], caches=caches)
+    step_logits, _ = model(prompt[:, 4:5], caches=caches, start=4)
+    full_logits, _ = model(prompt)
+    torch.testing.assert_close(step_logits, full_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_next_filters(m):
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    assert m.sample_next(logits, temperature=0).item() == 1
+    torch.manual_seed(0)
+    assert {m.sample_next(logits, 1.0, top_k=1).item() for _ in range(20)} == {1}
+    assert {m.sample_next(logits, 1.0, top_p=0.01).item() for _ in range(20)} == {1}
+    # top-p 0.6: p = softmax = (.02, .48, .07, .43): tokens 1 and 3 hold 0.91 >= 0.6, token 1 alone 0.48
+    assert {m.sample_next(logits, 1.0, top_p=0.6).item() for _ in range(200)} == {1, 3}
+
+
+# --- safetensors and GPT-2 weights ------------------------------------------------------------------
+ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+            torch.int8: "I8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+def write_safetensors(path, tensors, aliases=()):
+    """A minimal safetensors writer (the format's spec, independent of the script's reader).
+    `aliases` = [(new_name, existing_name)] share the bytes of an existing tensor (a tied weight)."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    for new, old in aliases:
+        header[new] = dict(header[old])
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)  # the spec pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def test_safetensors_roundtrip(m, tmp_path):
+    torch.manual_seed(0)
+    tensors = {"a.f32": torch.randn(3, 4), "b.f16": torch.randn(5).half(), "c.bf16": torch.randn(2, 2, 2).bfloat16(),
+               "d.i64": torch.arange(-3, 3), "e.i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+               "f.bool": torch.tensor([True, False, True]), "g.f64": torch.randn(2, dtype=torch.float64),
+               "h.empty": torch.zeros(0, 3)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, aliases=[("tied.f32", "a.f32")])
+    back = m.load_safetensors(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors) | {"tied.f32"}
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert torch.equal(back["tied.f32"], tensors["a.f32"])
+
+
+def test_from_pretrained_local_gpt2_layout(m, tmp_path):
+    """Write a tiny model in Hugging Face's GPT-2 layout (no `transformer.` prefix, Conv1D weights
+    stored (in, out), the causal-mask buffers) and load it back."""
+    cfg = m.GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32, bias=True)
+    torch.manual_seed(0)
+    ref = m.GPT(cfg).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every tensor matters
+        for name, p in ref.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf = {}
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        key = name.removeprefix("transformer.")
+        hf[key] = t.t().contiguous() if key.endswith(conv1d) else t
+    for i in range(2):
+        hf[f"h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    write_safetensors(tmp_path / "model.safetensors", hf)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"n_positions": 16, "n_ctx": 16, "vocab_size": 37, "n_layer": 2, "n_head": 4, "n_embd": 32}))
+    loaded = m.GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(37, (2, 16))
+    torch.testing.assert_close(loaded(idx, idx)[0], ref(idx, idx)[0], rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+# --- int8 ---------------------------------------------------------------------------------------------
+def test_int8_quantization(m):
+    model = tiny_gpt(m, n_embd=64, block_size=16).eval()
+    idx = torch.randint(37, (4, 16))
+    ref, _ = model(idx, idx)
+    lin = model.transformer.h[0].mlp.c_fc
+    q = m.Int8Linear(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max().item() == 127
+    x = torch.randn(3, 64)
+    dequant = q.weight.float() * q.scale[:, None]  # the closed form W ~ s * Q
+    torch.testing.assert_close(q(x), x @ dequant.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    assert (dequant - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # rounding error <= s/2
+    before, after = m.quantize_int8(model)
+    assert before / after >= 3.5
+    assert sum(isinstance(mod, m.Int8Linear) for mod in model.modules()) == 8  # 4 per block
+    out, _ = model(idx, idx)
+    # logits within 2% of their spread
+    assert (out - ref).abs().max().item() < 0.02 * ref.std().item()
+
+
+# --- training -----------------------------------------------------------------------------------------
+def test_lr_schedule(m):
+    cfg = m.Config(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert m.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert m.get_lr(10, cfg) == pytest.approx(1.0)
+    assert m.get_lr(60, cfg) == pytest.approx(0.55)  # half-way down the cosine
+    assert m.get_lr(110, cfg) == pytest.approx(0.1) and m.get_lr(500, cfg) == 0.1
+
+
+def test_learns_repetitive_text(m, tmp_path, capsys):
+    """A tiny model memorizes a repeated 26-letter pattern: from ln(27)=3.3 to below 0.2 (from a
+    local file.txt, which also exercises that dataset path)."""
+    text = tmp_path / "abc.txt"
+    text.write_text("abcdefghijklmnopqrstuvwxyz\n" * 400)
+    result = m.main(["--preset", "tiny", f"--dataset={text}", f"--out_dir={tmp_path / 'out'}", "--max_iters=150",
+                     "--lr_decay_iters=150", "--learning_rate=1e-2", "--eval_interval=150", "--log_interval=50",
+                     "--n_embd=32", "--batch_size=16", "--max_new_tokens=40"])
+    assert result["val_loss"] < 0.2, result
+    assert "abcdefghijklmnopqrstuvwxyz" in capsys.readouterr().out  # the sample continues the pattern
+
+
+def read_log(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+
+
+def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
+    """Uninterrupted 20 steps (in-process) == 10 steps + resume to 20 (two CLI runs)."""
+    common = ["--preset", "tiny", f"--dataset={corpus}", "--always_save_checkpoint=true", "--lr_decay_iters=20",
+              "--dropout=0.1"]
+    full = m.main(common + [f"--out_dir={tmp_path / 'full'}", "--max_iters=20"])
+    part = tmp_path / "part"
+    r = run_script("03_gpt", *common, f"--out_dir={part}", "--max_iters=10")
+    assert r.returncode == 0, r
+    assert "--- sample ---" in r.output and "MFU" in r.output
+    ckpt = torch.load(part / "ckpt.pt", weights_only=True)
+    assert {"model", "optimizer", "config", "step", "best_val", "rng", "model_args", "tokenizer"} <= set(ckpt)
+    assert ckpt["step"] == 10
+    assert ckpt["tokenizer"] == {"kind": "char", "chars": "".join(sorted(set(corpus.read_text())))}
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    assert ckpt["model_args"]["n_layer"] == 2 and "transformer.wpe.weight" in ckpt["model"]
+    r = run_script("03_gpt", *common, f"--out_dir={part}", "--max_iters=20", "--init_from=resume")
+    assert r.returncode == 0, r
+    log = read_log(part)
+    evals = [rec for rec in log if "final" not in rec]
+    assert [rec["step"] for rec in evals] == [0, 10, 20]  # resumed at 10, without evaluating twice
+    assert "grad_norm" in evals[-1] and "update_to_weight" in evals[-1]
+    assert evals[-1]["val_loss"] == full["val_loss"] and evals[-1]["train_loss"] == full["train_loss"]
+    # a different shape is refused with a clear message
+    with pytest.raises(SystemExit) as e:
+        m.main(common + [f"--out_dir={part}", "--init_from=resume", "--n_layer=3"])
+    assert e.value.code == 1 and "n_layer=2 (flags say 3)" in capsys.readouterr().err
+
+    # the inference modes on that checkpoint, in-process
+    out = dict(preset="tiny", dataset=corpus, out_dir=part, init_from="resume")
+    args = [f"--{k}={v}" for k, v in out.items()]
+    ev = m.main(args + ["--mode=eval", "--quantize=int8"])
+    assert abs(ev["int8_val_loss"] - ev["val_loss"]) < 0.01 * ev["val_loss"]
+    assert ev["bytes_before"] > 3.5 * ev["bytes_after"]
+    ex = m.main(args + ["--mode=extrapolate"])
+    assert ex["1x"] > 0 and ex["2x"] is None  # learned positions stop at block_size
+    assert (part / "extrapolate.png").exists()
+    ls = m.main(args + ["--mode=landscape", "--eval_iters=1"])
+    assert ls["losses"][10] < min(ls["losses"][0], ls["losses"][-1])  # the trained point sits in a valley
+    assert (part / "landscape.png").exists()
+
+
+def test_bench_and_extrapolate_with_alibi(m, tmp_path, corpus):
+    args = ["--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--pos=alibi", "--max_iters=10",
+            "--max_new_tokens=40"]
+    b = m.main(args + ["--mode=bench", "--grad_ckpt=true"])
+    assert b["ms_per_step"] > 0 and b["gen_tokens_per_s_cached"] > 0 and b["activation_mb"] > 0
+    m.main(args)
+    ex = m.main(args + ["--init_from=resume", "--mode=extrapolate"])
+    assert all(ex[k] is not None and ex[k] < 5 for k in ("1x", "2x", "4x"))
+
+
+def test_grad_ckpt_same_gradients(m):
+    model = tiny_gpt(m, dropout=0.0).train()
+    idx = torch.randint(37, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model.grad_ckpt = flag
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_identical_weights(tmp_path, corpus):
+    r = run_torchrun("03_gpt", "--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--max_iters=6",
+                     "--eval_interval=6", "--gradient_accumulation_steps=2", "--num_samples=1")
+    assert r.returncode == 0, r
+    final = [rec for rec in read_log(tmp_path) if rec.get("final")]
+    assert len(final) == 1  # rank 0 alone logs
+    digests = final[0]["weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def gpt2_or_skip(data_dir, monkeypatch):
+    root = data_dir("tinyshakespeare")
+    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        if not (root / "tiktoken_cache").exists():
+            pytest.skip("no offline tiktoken cache")
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(root / "tiktoken_cache"))
+    return root
+
+
+@pytest.mark.data
+def test_real_shakespeare_char_and_bpe(m, tmp_path, data_dir, monkeypatch):
+    root = gpt2_or_skip(data_dir, monkeypatch)
+    folder, meta = m.prepare_data(m.Config(data_dir=str(root), out_dir=str(tmp_path)))
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
+    assert os.path.getsize(os.path.join(folder, "train.bin")) == 2 * 1_003_854
+    again, _ = m.prepare_data(m.Config(data_dir=str(root), out_dir=str(tmp_path)))
+    assert again == folder  # cached by content
+    folder, meta = m.prepare_data(m.Config(data_dir=str(root), out_dir=str(tmp_path), dataset="shakespeare"))
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (50257, 301_966, 36_059)  # nanoGPT's
+    x, y = m.get_batch(folder, "train", 4, 8, "cpu")
+    assert x.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < 50257
+
+
+class ByteEncoding:
+    """Stands in for tiktoken (one id per UTF-8 byte) so corpus tests run without its vocabulary."""
+
+    def encode_ordinary(self, text):
+        return list(text.encode())
+
+
+def test_download_and_prepare_corpora(m, tmp_path, http_server, monkeypatch, capsys):
+    served = tmp_path / "served"
+    served.mkdir()
+    docs = [f"document {i}: " + "x" * i for i in range(23)]
+    with tarfile.open(served / "owt.tar.xz", "w:xz") as tar:
+        for i, doc in enumerate(docs):
+            data = doc.encode()
+            info = tarfile.TarInfo(f"openwebtext-10k/{i:04d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stories = [f"Once upon a time {i}.\n" for i in range(12)]
+    (served / "stories.txt").write_text("<|endoftext|>\n".join(stories))
+    (served / "input.txt").write_text("hello shakespeare\n" * 50)
+    url = http_server(served)
+    monkeypatch.setattr(m, "gpt2_encoding", ByteEncoding)
+    monkeypatch.setitem(m.DATASETS, "owt10k", ("owt/owt.tar.xz", f"{url}/owt.tar.xz", None, "gpt2"))
+    monkeypatch.setitem(m.DATASETS, "tinystories", ("ts/stories.txt", f"{url}/stories.txt", None, "gpt2"))
+    raw = tmp_path / "raw"
+    for name, texts in (("owt10k", docs), ("tinystories", stories)):
+        folder, meta = m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out"), dataset=name))
+        val = [t for i, t in enumerate(texts, start=1) if i % 10 == 0]  # every 10th document
+        assert meta["documents"] == len(texts)
+        assert meta["val_tokens"] == sum(len(t.encode()) + 1 for t in val)  # + <|endoftext|> each
+        assert meta["train_tokens"] == sum(len(t.encode()) + 1 for t in texts) - meta["val_tokens"]
+        ids = m.np.fromfile(os.path.join(folder, "val.bin"), dtype=m.np.uint16)
+        assert ids[-1] == m.GPT2_EOT and bytes(ids[: len(val[0])].tolist()).decode() == val[0]
+    assert (raw / "owt" / "owt.tar.xz").exists() and not list(raw.rglob("*.part"))
+    # a wrong checksum is refused and leaves nothing behind
+    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("tiny/input.txt", f"{url}/input.txt", "0" * 64, "char"))
+    with pytest.raises(m.UserError, match="arrived corrupt"):
+        m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out")))
+    assert not (raw / "tiny").exists() or not list((raw / "tiny").iterdir())
+    # offline: nothing answers -> one clear message naming the URL, exit status 1
+    closed = "http://127.0.0.1:9/input.txt"  # the discard port: nothing listens there
+    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("none/input.txt", closed, None, "char"))
+    with pytest.raises(SystemExit) as e:
+        m.main(["--preset", "tiny", f"--data_dir={raw}", f"--out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "could not download http://127.0.0.1:9/input.txt" in err and "by hand" in err
+
+
+def test_bad_input(m, tmp_path, capsys):
+    out = f"--out_dir={tmp_path}"
+    for argv, code, text in ((["--nope=1"], 2, "unknown flag --nope"),
+                             (["--n_layer=two"], 2, "--n_layer expects int, got 'two'"),
+                             (["--preset", "huge"], 2, "unknown preset 'huge'"),
+                             (["--dataset=wikipedia", out], 1, "unknown dataset 'wikipedia'"),
+                             (["--mode=dance", out], 1, "--mode must be one of"),
+                             (["--mode=sample", out, "--init_from=resume"], 1, "no checkpoint at")):
+        with pytest.raises(SystemExit) as e:
+            m.main(argv)
+        assert e.value.code == code, argv
+        assert text in capsys.readouterr().err, argv
+
+
+def test_config_presets_are_valid(m):
+    for name, overrides in m.PRESETS.items():
+        cfg = m.Config(**overrides)
+        gcfg = m.model_config(cfg, 65)
+        assert dataclasses.asdict(gcfg)["n_layer"] == cfg.n_layer, name
+    nano = m.Config(**m.PRESETS["nanogpt_cpu"])
+    assert (nano.n_layer, nano.n_head, nano.n_embd, nano.block_size, nano.batch_size, nano.max_iters,
+            nano.lr_decay_iters, nano.dropout, nano.eval_iters) == (4, 4, 128, 64, 12, 2000, 2000, 0.0, 20)
+    gpu = m.Config(**m.PRESETS["gpu"])
+    assert gpu.batch_size * gpu.block_size * gpu.gradient_accumulation_steps == 524_288
