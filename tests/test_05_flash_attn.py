@@ -1,0 +1,373 @@
+"""Tests for 05_flash_attn.py: tiled attention == naive attention (values and gradients), online
+softmax, block skipping, the Triton kernel under TRITON_INTERPRET=1, the memory measurement, the IO
+formulas, training with naive vs tiled attention, the CLI, DDP, downloads and bad input."""
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script, run_script, run_torchrun
+
+NAME = "05_flash_attn"
+
+
+@pytest.fixture(scope="module")
+def fa():
+    return load_script(NAME)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses get (conftest sets OMP_NUM_THREADS=1): these tensors
+    are tiny, and a second thread spinning on a shared 2-core machine only burns CPU time."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_text(folder, n_words=30000):
+    """A small synthetic corpus at <folder>/tinyshakespeare/input.txt (the real one is only read
+    when LLM_DATA_DIR is set): random words from a short list, so a tiny model learns fast."""
+    rng = random.Random(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(n_words // 8)) + "\n"
+    path = folder / "tinyshakespeare" / "input.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return folder
+
+
+def tiny_cfg(fa, tmp_path, **overrides):
+    cfg = fa.Config(**{**fa.PRESETS["tiny"], "out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data")})
+    return dataclasses.replace(cfg, **overrides)
+
+
+def attention_and_grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+# --- the reference itself, and the mask semantics ---------------------------------------------------
+def test_naive_attention_matches_sdpa_and_mask_semantics(fa):
+    torch.manual_seed(0)
+    n_q, n_k, d = 20, 33, 16
+    q, k, v = torch.randn(2, 3, n_q, d), torch.randn(2, 3, n_k, d), torch.randn(2, 3, n_k, d)
+    # bottom-right causal: query i sees keys j <= i + N_k - N_q
+    tri = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tri)
+    assert rel(fa.naive_attention(q, k, v, causal=True), ref) < 1e-6
+    assert torch.equal(fa.attention_mask(n_q, n_k, causal=True), tri)
+    # the window, written out pair by pair
+    off, w = n_k - n_q, 5
+    for causal in (True, False):
+        want = torch.tensor([[(j <= i + off if causal else j < i + off + w) and j > i + off - w
+                              for j in range(n_k)] for i in range(n_q)])
+        assert torch.equal(fa.attention_mask(n_q, n_k, causal=causal, window=w), want)
+    # a query that sees no key gets 0, not NaN (N_q > N_k, causal)
+    out = fa.naive_attention(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), causal=True)
+    assert torch.equal(out[0, 0, :3], torch.zeros(3, 4)) and out.isfinite().all()
+
+
+def test_online_softmax(fa):
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 100) * 3
+    assert torch.allclose(fa.online_softmax(x, chunk=16), torch.softmax(x, -1), atol=1e-7, rtol=1e-6)
+    big = torch.tensor([[1e4, -1e4, 0.0, 1e4 - 1.0, -5.0] * 20])
+    assert torch.isnan(torch.exp(big) / torch.exp(big).sum(-1, keepdim=True)).any()  # the naive formula fails
+    p = fa.online_softmax(big, chunk=3)
+    assert p.isfinite().all() and torch.allclose(p, torch.softmax(big, -1), atol=1e-7)
+    assert torch.allclose(fa.online_softmax(-big, chunk=8), torch.softmax(-big, -1), atol=1e-7)
+
+
+# --- tiled == naive -----------------------------------------------------------------------------------
+def _layout(n_q, n_k, bq, bk, seed):
+    g = torch.Generator().manual_seed(seed)
+    layout = torch.rand(-(-n_q // bq), -(-n_k // bk), generator=g) < 0.5
+    layout[:, 0] = True  # every query row keeps some key
+    return layout
+
+
+CASES = [  # (N_q, N_k, d, causal, window, layout, block_q, block_k)
+    (50, 50, 16, False, None, False, 16, 16),  # N not a multiple of the blocks
+    (50, 50, 16, True, None, False, 16, 8),
+    (30, 70, 80, True, None, False, 16, 32),  # N_q < N_k (a KV cache), d = 80
+    (70, 30, 32, True, None, False, 32, 16),  # N_q > N_k: the first rows see no key
+    (45, 61, 80, False, None, False, 8, 16),
+    (64, 64, 16, True, 10, False, 16, 16),  # sliding window
+    (40, 64, 16, False, 7, False, 16, 16),  # two-sided local window
+    (64, 48, 16, False, None, True, 16, 16),  # block-sparse
+    (61, 61, 32, True, None, True, 16, 8),  # block-sparse and causal
+]
+
+
+@pytest.mark.parametrize("n_q,n_k,d,causal,window,use_layout,bq,bk", CASES)
+def test_flash_equals_naive(fa, n_q, n_k, d, causal, window, use_layout, bq, bk):
+    torch.manual_seed(n_q * 100 + n_k)
+    q, k, v = torch.randn(2, 2, n_q, d), torch.randn(2, 2, n_k, d), torch.randn(2, 2, n_k, d)
+    do = torch.randn(2, 2, n_q, d)
+    layout = _layout(n_q, n_k, bq, bk, seed=n_q) if use_layout else None
+    mask = fa.attention_mask(n_q, n_k, causal, window, layout, bq, bk)
+    ref = attention_and_grads(lambda q, k, v: fa.naive_attention(q, k, v, mask=mask), q, k, v, do)
+    got = attention_and_grads(lambda q, k, v: fa.flash_attention(q, k, v, causal, bq, bk, window, layout), q, k, v, do)
+    for name, a, b in zip(("O", "dQ", "dK", "dV"), got, ref):
+        assert rel(a, b) <= 1e-5, name
+
+
+def test_flash_gradcheck_float64(fa):
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 7, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 9, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 9, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: fa.flash_attention(q, k, v, True, 3, 4), (q, k, v))
+    layout = torch.tensor([[True, False, True], [True, True, False], [False, True, True]])
+    assert torch.autograd.gradcheck(lambda q, k, v: fa.flash_attention(q, k, v, False, 3, 4, 5, layout), (q, k, v),
+                                    fast_mode=True)
+
+
+def test_masked_tiles_are_skipped_not_masked(fa):
+    """NaN in the values of a tile no query may see: naive attention (0 * NaN) and any 'compute
+    then mask' version turn it into NaN outputs; flash_attention never reads the tile."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    v_nan = v.clone()
+    v_nan[:, :, 48:] = float("nan")  # the last key block, which only the last query block sees
+    out = fa.flash_attention(q, k, v_nan, causal=True, block_q=16, block_k=16)
+    assert out[:, :, :48].isfinite().all() and out[:, :, 48:].isnan().any()
+    assert rel(out[:, :, :48], fa.naive_attention(q, k, v, causal=True)[:, :, :48]) < 1e-6
+    assert fa.naive_attention(q, k, v_nan, causal=True)[:, :, :48].isnan().any()
+    layout = torch.ones(4, 4, dtype=torch.bool)
+    layout[:, 2] = False  # nobody sees keys 32..47
+    v_nan = v.clone()
+    v_nan[:, :, 32:48] = float("nan")
+    out = fa.flash_attention(q, k, v_nan, block_q=16, block_k=16, layout=layout)
+    mask = fa.attention_mask(64, 64, layout=layout, block_q=16, block_k=16)
+    assert out.isfinite().all() and rel(out, fa.naive_attention(q, k, v, mask=mask)) < 1e-6
+
+
+def test_flash_bad_inputs(fa):
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 32)
+    with pytest.raises(ValueError, match="head dims differ"):
+        fa.flash_attention(q, k, k)
+    with pytest.raises(ValueError, match="layout must have one entry per tile"):
+        fa.flash_attention(q, q, q, block_q=4, block_k=4, layout=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block sizes must be positive"):
+        fa.flash_attention(q, q, q, block_q=0)
+
+
+# --- Triton kernel under the interpreter ---------------------------------------------------------------
+TRITON_CASES = [  # (N_q, N_k, d, causal, dtype, tolerance); N and d not multiples of the blocks
+    (40, 40, 32, True, "float32", 1e-5),
+    (20, 37, 80, False, "float32", 1e-5),  # N_q != N_k, d = 80 (padded to 128 inside)
+    (37, 20, 16, True, "float32", 1e-5),  # N_q > N_k, causal: rows that see no key
+    (33, 33, 16, True, "float16", 3e-3),  # (the interpreter cannot do bfloat16 dot products)
+]
+
+
+def interpreted_errors():
+    """Run in a fresh process with TRITON_INTERPRET=1 (the flag must be set before Triton is first
+    imported: its own @jit helpers such as tl.max are built at import): relative errors of the
+    kernel's O, dQ, dK, dV vs float64 naive attention for each case, printed as JSON."""
+    fa = load_script(NAME)
+    results = []
+    for n_q, n_k, d, causal, dtype, _ in TRITON_CASES:
+        torch.manual_seed(n_q + n_k + d)
+        q, k, v = (torch.randn(1, 2, n, d, dtype=torch.float64) for n in (n_q, n_k, n_k))
+        do = torch.randn(1, 2, n_q, d, dtype=torch.float64)
+        ref = attention_and_grads(lambda q, k, v: fa.naive_attention(q, k, v, causal=causal), q, k, v, do)
+        dt = getattr(torch, dtype)
+        got = attention_and_grads(lambda q, k, v: fa.triton_flash_attention(q, k, v, causal, 16, 16),
+                                  q.to(dt), k.to(dt), v.to(dt), do.to(dt))
+        results.append([rel(a, b) if a.dtype == dt else float("inf") for a, b in zip(got, ref)])
+    try:
+        fa.triton_flash_attention(q, k, v, block_q=48)
+    except ValueError as e:
+        results.append(str(e))
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def triton_errors():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_05_flash_attn as t; "
+            "t.interpreted_errors()")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(TRITON_CASES)), ids=[f"{c[0]}x{c[1]}-d{c[2]}-causal{c[3]}-{c[4]}"
+                                                                 for c in TRITON_CASES])
+def test_triton_kernel_interpreted(triton_errors, case):
+    tol = TRITON_CASES[case][-1]
+    for name, err in zip(("O", "dQ", "dK", "dV"), triton_errors[case]):
+        assert err <= tol, name
+
+
+def test_triton_rejects_bad_blocks(triton_errors):
+    assert "block_q must be a power of two >= 16" in triton_errors[-1]
+
+
+# --- measurements ---------------------------------------------------------------------------------------
+def test_peak_memory_counts_transients(fa):
+    kept = []
+
+    def fn():
+        a = torch.ones(256 * 1024)  # 1 MiB, kept
+        b = torch.ones(512 * 1024)  # 2 MiB, freed again
+        kept.append(a + b[: a.numel()])  # 1 MiB more, kept
+    peak = fa.peak_memory_bytes(fn, "cpu")
+    assert 4 * 2**20 <= peak < 4 * 2**20 + 65536
+
+
+def test_flops_and_io_formulas(fa, tmp_path, capsys):
+    assert fa.attention_flops(2, 3, 1024, 64, causal=False) == 4 * 2 * 3 * 1024 ** 2 * 64
+    assert fa.attention_flops(2, 3, 1024, 64, causal=True) == 2 * 2 * 3 * 1024 ** 2 * 64
+    rows = fa.io_table(tiny_cfg(fa, tmp_path, bench_sizes="1024,4096", bench_head_dim=64, io_sram_kb=192))
+    # standard: (4 N d + 4 N^2) * 2 bytes; tiled: B_r = ceil(98304 / 256) = 384 -> 3 query blocks
+    assert rows[0]["standard_bytes"] == (4 * 1024 * 64 + 4 * 1024 ** 2) * 2
+    assert rows[0]["tiled_bytes"] == (2 * 1024 * 64 + 2 * 1024 * 64 * 3) * 2 == 1048576
+    assert rows[1]["standard_bytes"] / rows[1]["tiled_bytes"] > 10
+    assert "B_r=384, B_c=64" in capsys.readouterr().out
+
+
+def test_bench_writes_tables(fa, tmp_path):
+    cfg = tiny_cfg(fa, tmp_path, bench_sizes="256", bench_heads=1, block_q=64, block_k=64, accuracy_n=48)
+    result = fa.bench(cfg)
+    by_impl = {r["impl"]: r for r in result["rows"]}
+    assert {"naive", "flash", "sdpa"} <= set(by_impl)
+    assert by_impl["flash"]["fwd_bwd_peak_mib"] < by_impl["naive"]["fwd_bwd_peak_mib"] / 2
+    acc = {(a["impl"], a["dtype"]): a for a in result["accuracy"]}
+    assert acc[("flash", "float32")]["dQ"] < 1e-5 and acc[("flash", "bfloat16")]["O"] < 2e-2
+    text = (tmp_path / "out" / "bench.md").read_text()
+    assert "fwd+bwd peak MiB" in text and "| flash | float32 |" in text
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+
+
+# --- training -----------------------------------------------------------------------------------------------
+def test_interrupted_and_resumed_run_matches(fa, tmp_path):
+    make_text(tmp_path / "data")
+    common = dict(attn_impls="flash", always_save_checkpoint=True)
+    full = fa.train_compare(tiny_cfg(fa, tmp_path / "a", data_dir=str(tmp_path / "data"), **common))["flash"]
+    b = tiny_cfg(fa, tmp_path / "b", data_dir=str(tmp_path / "data"), **common)
+    fa.train_compare(dataclasses.replace(b, max_iters=10))
+    resumed = fa.train_compare(dataclasses.replace(b, init_from="resume"))["flash"]
+    assert resumed["losses"] == full["losses"][10:] and resumed["val"] == full["val"]
+    assert resumed["weights"] == full["weights"]
+
+
+def test_cli_train_and_resume(fa, tmp_path, capsys):
+    make_text(tmp_path / "data")
+    out = tmp_path / "out"
+    r = run_script(NAME, "--mode=train", "--preset", "tiny", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}")
+    assert r.returncode == 0, r
+    assert "naive vs flash: max |train loss difference| over 20 steps" in r.output
+    assert (out / "ckpt_naive.pt").exists() and (out / "ckpt_flash.pt").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = {(rec["impl"], rec["step"]): rec["val_loss"] for rec in log if "impl" in rec}
+    # the two curves agree to float32 rounding, and the model learned (val ~ln(16) = 2.8 -> ~2.5)
+    assert log[-1]["compare"] == ["naive", "flash"] and log[-1]["max_loss_diff"] <= 1e-4
+    assert abs(evals["naive", 20] - evals["flash", 20]) <= 1e-4
+    assert evals["flash", 20] < evals["flash", 0] - 0.2
+    fa.main(["--mode=train", "--preset=tiny", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}",
+             "--init_from=resume", "--max_iters=30", "--lr_decay_iters=30"])  # main() is what the CLI runs
+    output = capsys.readouterr().out
+    assert "[flash] step 30: train loss" in output and "[flash] step 0:" not in output
+    assert "over 10 steps" in output
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_identical_weights(tmp_path):
+    make_text(tmp_path / "data")
+    r = run_torchrun(NAME, "--mode=train", "--preset=tiny", f"--out_dir={tmp_path / 'out'}",
+                     f"--data_dir={tmp_path / 'data'}", "--max_iters=6", "--eval_interval=3", "--attn_impls=flash")
+    assert r.returncode == 0, r
+    lines = [line for line in r.output.splitlines() if "weights sha256 per rank:" in line]
+    assert len(lines) == 1, r
+    for line in lines:
+        digests = line.split(":")[-1].split()
+        assert len(digests) == 2 and digests[0] == digests[1], line
+
+
+@pytest.mark.data
+def test_real_tinyshakespeare(fa, tmp_path, data_dir):
+    root = data_dir("tinyshakespeare")
+    cfg = tiny_cfg(fa, tmp_path, data_dir=str(root))
+    assert fa.prepare_data(cfg) == 65
+    n = 1115394
+    assert (tmp_path / "out" / "train.bin").stat().st_size == 2 * int(0.9 * n)
+    assert (tmp_path / "out" / "val.bin").stat().st_size == 2 * (n - int(0.9 * n))
+    x, y = fa.get_batch(cfg, "val", "cpu")
+    assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+# --- downloads and bad input -------------------------------------------------------------------------
+def test_download_from_local_server(fa, tmp_path, http_server, monkeypatch):
+    served = make_text(tmp_path / "served") / "tinyshakespeare"
+    sha = hashlib.sha256((served / "input.txt").read_bytes()).hexdigest()
+    monkeypatch.setattr(fa, "DATA_URL", http_server(served) + "/input.txt")
+    monkeypatch.setattr(fa, "DATA_SHA256", "0" * 64)
+    cfg = tiny_cfg(fa, tmp_path)
+    with pytest.raises(fa.UserError, match="arrived corrupt"):
+        fa.prepare_data(cfg)
+    target = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    assert not target.exists() and not (target.parent / "input.txt.part").exists()
+    monkeypatch.setattr(fa, "DATA_SHA256", sha)
+    assert fa.prepare_data(cfg) == len(set((served / "input.txt").read_text()))
+    assert target.read_bytes() == (served / "input.txt").read_bytes()
+
+
+def test_missing_data_offline(fa, tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(fa, "DATA_URL", f"http://127.0.0.1:{port}/input.txt")
+    with pytest.raises(SystemExit) as e:
+        fa.main(["--mode=train", "--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"could not download http://127.0.0.1:{port}/input.txt" in err
+    assert "save it as" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--bogus=1"], 2, "unknown flag --bogus"),
+    (["--block_q=x"], 2, "--block_q expects int"),
+    (["--mode=nope"], 1, "--mode must be bench, io or train"),
+    (["--mode=train", "--n_embd=30", "--n_head=4"], 1, "not divisible by --n_head=4"),
+    (["--mode=train", "--attn_impls=naive,triton", "--block_q=48"], 1, "powers of two"),
+    (["--mode=train", "--attn_impls=naive,fast"], 1, "unknown attention implementation 'fast'"),
+    (["--mode=train", "--attn_impls=naive,sdpa", "--window=8"], 1, "--window works with the naive and flash"),
+    (["--mode=io", "--bench_sizes=1,x"], 1, "--bench_sizes must be a comma-separated list"),
+    (["--mode=train", "--init_from=resume"], 1, "no checkpoint at"),
+])
+def test_bad_input(fa, tmp_path, capsys, args, code, message):
+    make_text(tmp_path / "data")
+    with pytest.raises(SystemExit) as e:
+        fa.main(["--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err, err
+
+
+def test_resume_refuses_another_model(fa, tmp_path, capsys):
+    make_text(tmp_path / "data")
+    base = ["--mode=train", "--preset=tiny", "--attn_impls=flash", "--max_iters=2", "--eval_interval=2",
+            f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}"]
+    fa.main(base)
+    with pytest.raises(SystemExit) as e:
+        fa.main([*base, "--init_from=resume", "--n_embd=64"])
+    assert e.value.code == 1 and "was trained with another model config: n_embd=32" in capsys.readouterr().err
