@@ -915,9 +915,12 @@ def train(cfg, impl="flash") -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if world_size == 1:  # the exact continuation: same batches, same dropout masks
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        else:  # one saved state cannot serve several ranks: fresh, still rank-distinct streams
+            torch.manual_seed(cfg.seed + rank + 7919 * step)
     elif cfg.init_from != "scratch":
         raise UserError(f"--init_from must be scratch or resume, not {cfg.init_from!r}")
     start_step = step
