@@ -1,0 +1,409 @@
+"""Tests for 04_bert.py: tokenizer, masking, NSP pairs, the model against references, from_pretrained
+on a Hugging Face-layout checkpoint written here, learning, the CLI in every mode, resume, DDP, bad input."""
+import io
+import json
+import os
+import random
+import re
+import struct
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_script, run_script, run_torchrun
+
+NAME = "04_bert"
+
+
+@pytest.fixture(scope="module")
+def m():
+    # One intra-op thread, as conftest gives subprocesses: faster for these tiny models on a shared
+    # 2-core machine, and bit-for-bit repeatable (the resume test compares losses exactly).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_script(NAME)
+    torch.set_num_threads(threads)
+
+
+def save_safetensors(tensors, path):
+    """The inverse of the script's load_safetensors: JSON header, then the raw little-endian bytes."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+def test_basic_tokenizer(m):
+    bt = m.basic_tokenize
+    assert bt("Héllo Wörld, naïve CAFÉ!") == ["hello", "world", ",", "naive", "cafe", "!"]
+    assert bt("Héllo", lower_case=False) == ["Héllo"]
+    assert bt("don't pay $5.00 (now)") == ["don", "'", "t", "pay", "$", "5", ".", "00", "(", "now", ")"]
+    assert bt("我爱NLP 東京") == ["我", "爱", "nlp", "東", "京"]
+    assert bt("a\x00b\x07c\td\u3000e\ufffdf\u200b") == ["abc", "d", "ef"]  # NUL, BEL, U+FFFD, ZWSP dropped
+    assert bt("  \n ") == []
+
+
+def test_wordpiece_known_answers(m):
+    vocab = m.SPECIALS + ["un", "##aff", "##able", "run", "runn", "##ing", "##n", "want", "##ed", ",", "a", "##a"]
+    tok = m.BertTokenizer(vocab)
+    assert tok.tokenize("unaffable") == ["un", "##aff", "##able"]  # the example in BERT's tokenization.py
+    assert tok.tokenize("running, wanted") == ["runn", "##ing", ",", "want", "##ed"]  # longest match first
+    assert tok.tokenize("unwanted") == ["[UNK]"]  # no "##want": the whole word is unknown
+    assert tok.tokenize("a" * 100) == ["a"] + ["##a"] * 99
+    assert tok.tokenize("a" * 101) == ["[UNK]"]  # over the 100-character limit
+    ids = tok.encode("UnAffable running")
+    assert tok.decode(ids) == "unaffable running"
+    with pytest.raises(ValueError, match=r"\[MASK\]"):
+        m.BertTokenizer([s for s in vocab if s != "[MASK]"])
+
+
+def test_train_wordpiece_roundtrip(m):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Crème brûlée at the café, naïvely!",
+             "Lower, lowest, lowered: the low road.", "北京 and 東京 are capitals."] * 5
+    vocab = m.train_wordpiece(texts, 80)
+    assert vocab[:5] == m.SPECIALS and len(vocab) == 80 and len(set(vocab)) == 80
+    assert "the" in vocab and "low" in vocab  # the most frequent pairs get merged first
+    tok = m.BertTokenizer(vocab)
+    for t in texts:
+        ids = tok.encode(t)
+        assert tok.unk_id not in ids
+        assert tok.decode(ids).split() == m.basic_tokenize(t)  # loses only case, accents and spacing
+
+
+# --- pretraining data -----------------------------------------------------------------------------
+def test_masking_statistics(m):
+    V, n_special = 50, 5
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(n_special, V, (64, 100), generator=gen)
+    idx[:, 0], idx[:, 50], idx[:, 80:] = 2, 3, 0  # [CLS], [SEP], padding
+    special = idx < n_special
+    candidates = torch.arange(n_special, V)
+    chosen = masked = randomized = kept = 0
+    for _ in range(10):
+        inputs, labels = m.mask_tokens(idx, special, 0.15, 4, candidates, gen)
+        sel = labels != -100
+        assert not sel[special].any(), "a special or padding position was chosen"
+        assert (labels[sel] == idx[sel]).all() and (inputs[~sel] == idx[~sel]).all()
+        assert (inputs[sel & (inputs != 4)] >= n_special).all(), "a random replacement was a special token"
+        chosen += sel.sum().item()
+        masked += (inputs[sel] == 4).sum().item()
+        kept += (inputs[sel] == idx[sel]).sum().item()
+        randomized += ((inputs[sel] != 4) & (inputs[sel] != idx[sel])).sum().item()
+    assert abs(chosen / (10 * (~special).sum().item()) - 0.15) < 0.005
+    # a random token equals the original with probability 1/45, so "kept" is 10% + 10%/45
+    assert abs(masked / chosen - 0.8) < 0.01
+    assert abs(randomized / chosen - 0.1 * 44 / 45) < 0.01
+    assert abs(kept / chosen - 0.1 * 46 / 45) < 0.01
+
+
+def test_nsp_pairs(m):
+    tok = m.BertTokenizer(m.SPECIALS + [f"w{i}" for i in range(200)])
+    # sentence j of document d is the tokens [5 + d, 5 + 100 + j] (+ filler): unique, and self-describing
+    docs = [[[5 + d, 105 + j] + [6] * ((d + j) % 7) for j in range(5 + d % 4)] for d in range(30)]
+    pairs = m.make_nsp_pairs(docs, random.Random(0), tok, max_len=12)
+    assert len(pairs) == sum(len(d) - 1 for d in docs)
+    labels = [p[2] for p in pairs]
+    assert abs(sum(labels) / len(labels) - 0.5) < 0.08
+    for (ids, seg, label) in pairs:
+        assert len(ids) == len(seg) <= 12 and ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+        sep = ids.index(tok.sep_id)
+        a, b = ids[1:sep], ids[sep + 1:-1]
+        assert a and b, "truncation must keep both segments"
+        assert seg == [0] * (sep + 1) + [1] * (len(b) + 1)
+        if label == 0:  # IsNext: B is the sentence after A in the same document
+            assert b[0] == a[0] and b[1] == a[1] + 1
+        else:  # NotNext: B comes from another document, so it is never the true next sentence
+            assert b[0] != a[0]
+
+
+# --- model ----------------------------------------------------------------------------------------
+def naive_attention(x, attn, mask, n_head):
+    B, T, C = x.shape
+    q, k, v = (lin(x).view(B, T, n_head, C // n_head).transpose(1, 2) for lin in (attn.query, attn.key, attn.value))
+    scores = q @ k.transpose(-1, -2) / (C // n_head) ** 0.5
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+
+def test_attention_matches_naive_and_gradcheck(m):
+    torch.manual_seed(0)
+    attn = m.SelfAttention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.double, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    torch.testing.assert_close(attn(x, mask), naive_attention(x, attn, mask, 2))
+    assert torch.autograd.gradcheck(lambda t: attn(t, mask), (x,))
+    # padding must not influence the real tokens
+    x2 = x.detach().clone()
+    x2[1, 3:] = 100.0
+    torch.testing.assert_close(attn(x2, mask)[1, :3], attn(x.detach(), mask)[1, :3])
+
+
+HF_BLOCK = {"attn.query": "attention.self.query", "attn.key": "attention.self.key", "attn.value": "attention.self.value",
+            "attn.proj": "attention.output.dense", "ln1": "attention.output.LayerNorm",
+            "fc": "intermediate.dense", "proj": "output.dense", "ln2": "output.LayerNorm"}
+
+
+def to_hf(sd):
+    """Our state dict -> Hugging Face BertForPreTraining names, written out by hand (independent of the
+    script's table); old-style LayerNorm.gamma/beta for the embeddings, as Google's checkpoints have."""
+    out = {}
+    for k, v in sd.items():
+        if k == "mlm_decoder.weight":
+            out["cls.predictions.decoder.weight"] = v
+            continue
+        mm = re.fullmatch(r"bert\.blocks\.(\d+)\.(.+)\.(weight|bias)", k)
+        if mm:
+            out[f"bert.encoder.layer.{mm[1]}.{HF_BLOCK[mm[2]]}.{mm[3]}"] = v
+            continue
+        fixed = {"bert.tok.weight": "bert.embeddings.word_embeddings.weight",
+                 "bert.pos.weight": "bert.embeddings.position_embeddings.weight",
+                 "bert.seg.weight": "bert.embeddings.token_type_embeddings.weight",
+                 "bert.ln.weight": "bert.embeddings.LayerNorm.gamma", "bert.ln.bias": "bert.embeddings.LayerNorm.beta",
+                 "bert.pooler.weight": "bert.pooler.dense.weight", "bert.pooler.bias": "bert.pooler.dense.bias",
+                 "mlm_dense.weight": "cls.predictions.transform.dense.weight",
+                 "mlm_dense.bias": "cls.predictions.transform.dense.bias",
+                 "mlm_ln.weight": "cls.predictions.transform.LayerNorm.weight",
+                 "mlm_ln.bias": "cls.predictions.transform.LayerNorm.bias", "mlm_bias": "cls.predictions.bias",
+                 "nsp.weight": "cls.seq_relationship.weight", "nsp.bias": "cls.seq_relationship.bias"}
+        out[fixed[k]] = v
+    out["bert.embeddings.position_ids"] = torch.arange(32)[None]
+    return out
+
+
+def naive_bert(w, idx, seg, n_layer, n_head):
+    """BERT's forward written directly from the Hugging Face weight names (the reference)."""
+    ln = lambda x, p: F.layer_norm(x, x.shape[-1:], w[p + ".weight"], w[p + ".bias"], 1e-12)  # noqa: E731
+    lin = lambda x, p: x @ w[p + ".weight"].T + w[p + ".bias"]  # noqa: E731
+    e = "bert.embeddings."
+    x = w[e + "word_embeddings.weight"][idx] + w[e + "position_embeddings.weight"][:idx.shape[1]] \
+        + w[e + "token_type_embeddings.weight"][seg]
+    x = F.layer_norm(x, x.shape[-1:], w[e + "LayerNorm.gamma"], w[e + "LayerNorm.beta"], 1e-12)
+    B, T, C = x.shape
+    for i in range(n_layer):
+        p = f"bert.encoder.layer.{i}."
+        q, k, v = (lin(x, p + f"attention.self.{n}").view(B, T, n_head, -1).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        a = ((q @ k.transpose(-1, -2)) / (C // n_head) ** 0.5).softmax(-1) @ v
+        x = ln(x + lin(a.transpose(1, 2).reshape(B, T, C), p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        h = F.gelu(lin(x, p + "intermediate.dense"))
+        x = ln(x + lin(h, p + "output.dense"), p + "output.LayerNorm")
+    pooled = torch.tanh(lin(x[:, 0], "bert.pooler.dense"))
+    h = ln(F.gelu(lin(x, "cls.predictions.transform.dense")), "cls.predictions.transform.LayerNorm")
+    mlm = h @ w["bert.embeddings.word_embeddings.weight"].T + w["cls.predictions.bias"]
+    return mlm, lin(pooled, "cls.seq_relationship"), x
+
+
+def test_from_pretrained_hf_layout(m, tmp_path, http_server, monkeypatch):
+    torch.manual_seed(0)
+    ref = m.BERT(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=32, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # LayerNorms and biases away from 1 / 0, so a mix-up shows
+            p.add_(0.1 * torch.randn_like(p))
+    hub = tmp_path / "hub" / "tiny-bert" / "resolve" / "main"  # huggingface.co's URL layout
+    hub.mkdir(parents=True)
+    save_safetensors(to_hf(ref.state_dict()), hub / "model.safetensors")
+    (hub / "config.json").write_text(json.dumps(dict(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.0)))
+    (hub / "vocab.txt").write_text("\n".join(m.SPECIALS + [f"w{i}" for i in range(35)]) + "\n")
+    base = http_server(tmp_path / "hub")
+    monkeypatch.setattr(m, "HF_URL", base + "/{name}/resolve/main/{file}")
+    model = m.BERT.from_pretrained("tiny-bert", cache_dir=str(tmp_path / "cache")).eval()
+    assert (tmp_path / "cache" / "tiny-bert" / "model.safetensors").exists()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    assert model.mlm_decoder.weight.data_ptr() == model.bert.tok.weight.data_ptr()  # tied, one storage
+    idx = torch.randint(5, 40, (2, 9))
+    seg = torch.tensor([[0] * 5 + [1] * 4] * 2)
+    mlm, nsp, hidden = model(idx, seg)
+    ref_mlm, ref_nsp, ref_hidden = naive_bert(to_hf(ref.state_dict()), idx, seg, 2, 2)
+    torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mlm, ref_mlm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nsp, ref_nsp, rtol=1e-5, atol=1e-5)
+    # the reader also handles half-precision files, the way most hub checkpoints are stored
+    save_safetensors({"a": torch.tensor([1.5, -2.25], dtype=torch.bfloat16), "b": torch.zeros(0)}, tmp_path / "h.st")
+    got = m.load_safetensors(tmp_path / "h.st")
+    assert got["a"].dtype == torch.bfloat16 and got["a"].tolist() == [1.5, -2.25] and got["b"].shape == (0,)
+
+
+def test_grad_ckpt_same_gradients(m):
+    torch.manual_seed(0)
+    model = m.BERT(vocab_size=30, n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0)
+    idx = torch.randint(5, 30, (3, 10))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.bert.grad_ckpt = ckpt
+        mlm, nsp, _ = model(idx)
+        (mlm.logsumexp(-1).mean() + nsp.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+# --- end to end -----------------------------------------------------------------------------------
+ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow"]
+PLACES = ["garden", "river", "field", "house", "forest", "barn"]
+
+
+def write_corpus(path, n_docs=40):
+    """Documents (blank-line separated) of templated sentences: learnable MLM, and NSP through topics."""
+    rng = random.Random(0)
+    lines = []
+    for d in range(n_docs):
+        animal, place = ANIMALS[d % 6], PLACES[(d // 6) % 6]
+        for j in range(6):
+            word = rng.choice(["good", "great", "bad", "awful", "quiet", "small"])
+            lines.append(f"the {animal} sat in the {place} , it was {word} and step {j} came .")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_sst2(folder, n_train=400, n_dev=100):
+    """A toy sentiment task in GLUE's layout: the label is which kind of adjective the sentence has."""
+    rng = random.Random(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["sentence\tlabel"]
+        for _ in range(n):
+            y = rng.randrange(2)
+            adj = rng.choice(["good", "great"] if y else ["bad", "awful"])
+            rows.append(f"the {rng.choice(ANIMALS)} in the {rng.choice(PLACES)} was {adj} . \t{y}")
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def records(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    write_sst2(tmp_path / "data" / "sst2")
+    common = ["--preset", "tiny", f"--corpus={corpus}", f"--data_dir={tmp_path / 'data'}", "--lr_decay_iters=60",
+              "--eval_interval=30", "--always_save_checkpoint", "--learning_rate=5e-3", "--n_layer=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    m.main(common + [f"--out_dir={a}", "--max_iters=60"])  # uninterrupted
+    m.main(common + [f"--out_dir={b}", "--max_iters=30"])  # interrupted at step 30 ...
+    m.main(common + [f"--out_dir={b}", "--max_iters=60", "--init_from=resume"])  # ... and resumed
+    out = capsys.readouterr().out
+    assert "fill-mask:" in out
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [0, 30, 60] and rb[-1]["step"] == 60
+    assert ra[-1]["val_loss"] == pytest.approx(rb[-1]["val_loss"], rel=1e-6)
+    assert ra[-1]["mlm_loss"] < 2.5 and ra[0]["mlm_loss"] > 4.5, ra  # learns: from ln V ~ 4.7 to well below
+    assert (a / "pretrain.pt").exists() and (a / "vocab.txt").exists()
+
+    # fine-tune from the pretrained checkpoint: the toy sentiment task must be separated
+    m.main(common + [f"--out_dir={a}", "--mode=finetune", f"--init_from={a / 'pretrain.pt'}", "--max_iters=100",
+                     "--batch_size=16", "--learning_rate=3e-3", "--min_lr=1e-3", "--eval_interval=100"])
+    ft = records(a)[-1]
+    assert ft["mode"] == "finetune" and ft["acc"] >= 0.95, ft
+    # distillation through the real command line: the 2-layer teacher -> a 1-layer student
+    r = run_script(NAME, "--preset", "tiny", "--mode=distill", f"--out_dir={a}", f"--data_dir={tmp_path / 'data'}",
+                   "--max_iters=40", "--eval_interval=40", "--batch_size=16", "--learning_rate=1e-3")
+    assert r.returncode == 0, r
+    assert "speed-up" in r.output and "of the teacher's accuracy kept" in r.output, r
+    d = records(a)[-1]
+    assert d["mode"] == "distill" and d["student_params"] < d["teacher_params"], d
+    assert d["teacher_acc"] == pytest.approx(ft["acc"]) and d["student_acc"] >= 0.9, d
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_identical_weights(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    r = run_torchrun(NAME, "--preset", "tiny", f"--corpus={corpus}", f"--out_dir={tmp_path}", "--max_iters=6",
+                     "--eval_interval=6", "--log_interval=3")
+    assert r.returncode == 0, r
+    prints = dict(re.findall(r"rank (\d): weights fingerprint (\w+)", r.output))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], r
+    assert (tmp_path / "pretrain.pt").exists()
+
+
+def test_bad_input(m, tmp_path, capsys, monkeypatch):
+    def fails(argv, code, pattern):
+        with pytest.raises(SystemExit) as e:
+            m.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == code and re.search(pattern, err), err
+        assert "Traceback" not in err
+
+    fails(["--no_such_flag=1"], 2, "unknown flag --no_such_flag")
+    fails(["--n_layer=two"], 2, "--n_layer expects int")
+    fails(["--mode=finetune", "--task=mnli", f"--out_dir={tmp_path}"], 1, "unknown --task 'mnli'")
+    fails(["--mode=sing", f"--out_dir={tmp_path}"], 1, "--mode must be one of")
+    bad_vocab = tmp_path / "vocab.txt"
+    bad_vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+    fails(["--preset=tiny", f"--vocab={bad_vocab}", f"--out_dir={tmp_path}"], 1, r"lacks \[MASK\]")
+    # offline: nothing in data_dir and the download URLs unreachable (a closed local port)
+    monkeypatch.setattr(m, "WIKITEXT_URL", "http://127.0.0.1:9/{name}.zip")
+    monkeypatch.setattr(m, "SST2_URL", "http://127.0.0.1:9/SST-2.zip")
+    empty = tmp_path / "empty"
+    fails(["--preset=tiny", f"--data_dir={empty}", f"--out_dir={tmp_path / 'o1'}"], 1,
+          r"wiki\.train\.raw is missing and could not be fetched: could not download http://127\.0\.0\.1:9")
+    fails(["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
+           f"--out_dir={tmp_path / 'o2'}"], 1, "no vocabulary file")
+    (tmp_path / "ok.txt").write_text("\n".join(m.SPECIALS + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
+    fails(["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
+           f"--out_dir={tmp_path / 'o2'}"], 1, r"could not download http://127\.0\.0\.1:9/SST-2\.zip")
+    # a checkpoint of another config
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=8)
+    m.main(["--preset=tiny", f"--corpus={corpus}", f"--out_dir={tmp_path / 'c'}", "--max_iters=2", "--eval_interval=2"])
+    fails(["--preset=tiny", f"--corpus={corpus}", f"--out_dir={tmp_path / 'c'}", "--init_from=resume", "--n_embd=64"],
+          1, "trained with another model config: n_embd=32")
+    fails(["--preset=tiny", "--mode=distill", f"--out_dir={tmp_path / 'c'}"], 1, "no checkpoint at .*finetune.pt")
+
+
+# --- data: downloads (local server) and the real files --------------------------------------------
+def test_downloads_from_local_server(m, tmp_path, http_server, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    wiki = " = Alpha = \n \n Alpha is a letter . It comes first .\n \n = = Use = = \n Used a lot . \n"
+    with zipfile.ZipFile(site / "wikitext-2-raw-v1.zip", "w") as z:
+        for s in ("train", "valid", "test"):
+            z.writestr(f"wikitext-2-raw/wiki.{s}.raw", wiki * 2 + wiki.replace("Alpha", "Beta"))
+    with zipfile.ZipFile(site / "SST-2.zip", "w") as z:
+        for s in ("train", "dev"):
+            z.writestr(f"SST-2/{s}.tsv", "sentence\tlabel\nit 's good . \t1\nbad \t0\n")
+    base = http_server(site)
+    monkeypatch.setattr(m, "WIKITEXT_URL", base + "/{name}-raw-v1.zip")
+    monkeypatch.setattr(m, "SST2_URL", base + "/SST-2.zip")
+    cfg = m.Config(data_dir=str(tmp_path / "data"))
+    train, val, note = m.load_corpus(cfg)
+    assert "FALLBACK" not in note and len(train) == 3 and len(val) == 3
+    assert train[0] == ["Alpha is a letter .", "It comes first .", "Used a lot ."]
+    sst = m.read_sst2(cfg)
+    assert sst["train"] == [("it 's good .", 1), ("bad", 0)]
+    assert (tmp_path / "data" / "sst2" / "dev.tsv").exists()
+    assert not list((tmp_path / "data").rglob("*.part"))
+
+
+@pytest.mark.data
+def test_real_data_prepare(m, data_dir, monkeypatch):
+    root = data_dir("wikitext-2")
+    if not (root / "sst2").exists():
+        pytest.skip("no sst2 in LLM_DATA_DIR")
+    monkeypatch.setattr(m, "WIKITEXT_URL", "http://127.0.0.1:9/{name}.zip")  # never the real network
+    cfg = m.Config(data_dir=str(root))
+    train, val, note = m.load_corpus(cfg)
+    if not (root / "wikitext-2" / "wikitext-2-raw" / "wiki.train.raw").exists():
+        assert note.startswith("FALLBACK") and "wiki.valid.raw + wiki.test.raw" in note
+    assert len(train) > 50 and len(val) > 5 and all(len(d) >= 1 for d in train)
+    assert not any("@-@" in s or s.startswith("=") for d in train for s in d)
+    sentences = [s for d in train[:10] for s in d]
+    assert len(sentences) > 200 and sum(s.endswith((" .", " ?", " !")) for s in sentences) > 0.9 * len(sentences)
+    sst = m.read_sst2(cfg)
+    assert len(sst["train"]) == 67349 and len(sst["dev"]) == 872
+    assert sum(y for _, y in sst["dev"]) == 444 and sst["train"][0] == ("hide new secretions from the parental units", 0)
+    tok = m.BertTokenizer(m.train_wordpiece(sentences, 500))
+    words = m.basic_tokenize(sst["dev"][0][0])
+    assert len(tok.encode(sst["dev"][0][0])) >= len(words) == 10
