@@ -246,10 +246,10 @@ def download(url, path, sha256=None):
         return path
     import requests  # only needed when something is actually downloaded
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".part"
     hint = f"download it by hand from {url} and save it as {path}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with requests.get(url, stream=True, timeout=30) as r:
             r.raise_for_status()
             total = int(r.headers.get("content-length", 0))
@@ -262,7 +262,7 @@ def download(url, path, sha256=None):
                     pct = f" {100 * done / total:5.1f}%" if total else ""
                     print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
         print()
-    except requests.RequestException as e:
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"

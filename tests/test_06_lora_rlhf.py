@@ -122,7 +122,7 @@ def naive_gpt_logits(sd, idx, n_head, conv1d=False, prefix="transformer."):
         y = (att @ v).transpose(1, 2).reshape(B, T, C)
         x = x + y @ W(h + "attn.c_proj.weight").t() + sd[h + "attn.c_proj.bias"]
         a = ln(x, h + "ln_2") @ W(h + "mlp.c_fc.weight").t() + sd[h + "mlp.c_fc.bias"]
-        x = x + F.gelu(a, approximate="tanh") @ W(h + "mlp.c_proj.weight").t() + sd[h + "mlp.c_proj.bias"]
+        x = x + F.gelu(a) @ W(h + "mlp.c_proj.weight").t() + sd[h + "mlp.c_proj.bias"]
     return ln(x, prefix + "ln_f") @ sd[prefix + "wte.weight"].t()
 
 

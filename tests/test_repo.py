@@ -20,11 +20,14 @@ SCRIPTS = sorted(p.name for p in ROOT.glob("0[1-9]_*.py"))
 
 
 def readme_commands():
-    """(readme name, script name, argv) for each command line in a fenced code block."""
+    """(readme name, script name, argv) for each command line in a fenced code block or in an
+    inline code span (the results tables name their commands that way)."""
     found = []
     for readme in READMES:
-        blocks = re.findall(r"```[^\n]*\n(.*?)```", readme.read_text(encoding="utf-8"), flags=re.S)
-        for block in blocks:
+        text = readme.read_text(encoding="utf-8")
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        spans = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+        for block in blocks + spans:
             for line in block.splitlines():
                 for part in re.split(r"&&|;", line):  # `pip install ... && python 03_gpt.py`
                     words = shlex.split(part, comments=True)
