@@ -1,0 +1,363 @@
+"""Tests for 07_mamba_moe.py: the scans, the Mamba block and its recurrent step, the MoE layer and its
+losses, learning, the CLI (copy, lm, bench; resume; DDP) and bad input."""
+import hashlib
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_script, run_script, run_torchrun
+
+NAME = "07_mamba_moe"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def m():
+    # One intra-op thread, as conftest gives subprocesses: the small ops here gain nothing from
+    # more, and on a loaded 2-core machine extra threads only contend. Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_script(NAME)
+    torch.set_num_threads(threads)
+
+
+def scan_inputs(b, l, d, n, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, l, d, generator=g, dtype=dtype)
+    delta = F.softplus(torch.randn(b, l, d, generator=g, dtype=dtype))
+    A = -torch.exp(torch.randn(d, n, generator=g, dtype=dtype))
+    B, C = torch.randn(b, l, n, generator=g, dtype=dtype), torch.randn(b, l, n, generator=g, dtype=dtype)
+    D = torch.randn(d, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D)]
+
+
+def read_log(path):
+    with open(path / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+# --- the scan -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("l", [1, 2, 5, 16, 37, 100])
+def test_parallel_scan_equals_sequential_values_and_grads(m, l):
+    args = scan_inputs(2, l, 3, 4)
+    w = torch.randn(2, l, 3, dtype=torch.float64)  # a random cotangent
+    y_par = m.selective_scan_parallel(*args)
+    g_par = torch.autograd.grad((y_par * w).sum(), args, allow_unused=True, materialize_grads=True)
+    y_seq = m.selective_scan_sequential(*args)
+    g_seq = torch.autograd.grad((y_seq * w).sum(), args, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(y_par, y_seq, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_par, g_seq):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_parallel_scan_gradcheck(m):
+    assert torch.autograd.gradcheck(m.selective_scan_parallel, scan_inputs(1, 6, 2, 3))
+
+
+def test_parallel_scan_is_safe_on_long_sequences(m):
+    """Strong decay over 3000 steps: a cumprod-and-divide scan would overflow (1/prod -> inf)."""
+    u, delta, A, B, C, D = [t.detach() for t in scan_inputs(1, 3000, 2, 2, dtype=torch.float32)]
+    delta = delta + 2.0  # Ā = exp(ΔA) far below 1: the product of Ā over the sequence underflows
+    y_par = m.selective_scan_parallel(u, delta, A, B, C, D)
+    assert torch.isfinite(y_par).all()
+    torch.testing.assert_close(y_par, m.selective_scan_sequential(u, delta, A, B, C, D), rtol=1e-5, atol=1e-5)
+
+
+# --- Mamba ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("selective", [True, False])
+def test_step_generation_equals_parallel_forward(m, selective):
+    torch.manual_seed(0)
+    model = m.MambaLM(vocab_size=11, n_layer=2, d_model=16, d_state=4, d_conv=3, expand=2, selective=selective).eval()
+    idx = torch.randint(0, 11, (2, 13))
+    with torch.no_grad():
+        logits, _ = model(idx)  # (2, 13, 11)
+    states, stepped = None, []
+    for t in range(idx.shape[1]):
+        out, states = model.step(idx[:, t], states)
+        stepped.append(out)
+    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=1e-4, atol=1e-5)
+    conv_state, h = states[0]  # the whole memory: constant size, whatever the length
+    assert conv_state.shape == (2, 32, 3) and h.shape == (2, 32, 4)
+
+
+def test_causal_conv_does_not_look_ahead(m):
+    torch.manual_seed(0)
+    block = m.MambaBlock(d_model=8, d_state=4, d_conv=4)
+    x = torch.randn(2, 12, 8)
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn(2, 5, 8)  # change the future
+    with torch.no_grad():
+        y, y2 = block(x), block(x2)
+    torch.testing.assert_close(y[:, :7], y2[:, :7])
+    assert not torch.allclose(y[:, 7:], y2[:, 7:])
+
+
+def test_block_with_sequential_scan_equals_parallel(m):
+    torch.manual_seed(0)
+    block = m.MambaBlock(d_model=8, d_state=4).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, scan=m.selective_scan_sequential), block(x))
+
+
+def test_lti_ablation_has_no_input_dependent_parameters(m):
+    block = m.MambaBlock(d_model=8, d_state=4, selective=False)
+    delta1, B1, C1 = block.ssm_params(torch.randn(2, 5, 16))
+    delta2, B2, C2 = block.ssm_params(torch.randn(2, 5, 16))
+    for a, b in ((delta1, delta2), (B1, B2), (C1, C2)):
+        torch.testing.assert_close(a, b)
+
+
+# --- MoE ------------------------------------------------------------------------------------------
+def naive_moe(moe, x):
+    """Every token through each of its top-k experts, one at a time (no capacity limit)."""
+    x = x.reshape(-1, x.shape[-1])
+    _, _, top_i, gates = moe.route(x)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(moe.top_k):
+            e = top_i[t, j]
+            h = F.gelu(x[t] @ moe.w1[e] + moe.b1[e, 0])
+            out[t] += gates[t, j] * (h @ moe.w2[e] + moe.b2[e, 0])
+    if moe.shared is not None:
+        out = out + moe.shared(x)
+    return out
+
+
+@pytest.mark.parametrize("top_k,n_shared", [(1, 0), (2, 0), (3, 1)])
+def test_sorted_dispatch_equals_per_token_loop(m, top_k, n_shared):
+    torch.manual_seed(0)
+    moe = m.MoE(d_model=8, d_ff=12, n_experts=5, top_k=top_k, capacity_factor=5.0, n_shared=n_shared)
+    with torch.no_grad():
+        moe.b1.normal_()
+        moe.b2.normal_()
+    x = torch.randn(3, 7, 8)
+    y, aux = moe(x)
+    assert y.shape == x.shape and aux.ndim == 0
+    assert moe.stats["drop_rate"] == 0
+    torch.testing.assert_close(y.reshape(-1, 8), naive_moe(moe, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gates_of_chosen_experts_sum_to_one(m):
+    moe = m.MoE(d_model=8, d_ff=12, n_experts=6, top_k=3)
+    _, probs, top_i, gates = moe.route(torch.randn(20, 8))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(20))
+    assert (gates > 0).all() and top_i.shape == (20, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(20))
+
+
+def test_one_expert_top1_equals_dense_ffn(m):
+    torch.manual_seed(0)
+    moe = m.MoE(d_model=8, d_ff=16, n_experts=1, top_k=1, capacity_factor=1.0)
+    mlp = m.MLP(8, 16)
+    with torch.no_grad():  # copy the dense weights into the single expert (Linear stores W^T)
+        moe.w1.copy_(mlp.c_fc.weight.t()[None])
+        moe.b1.copy_(mlp.c_fc.bias[None, None])
+        moe.w2.copy_(mlp.c_proj.weight.t()[None])
+        moe.b2.copy_(mlp.c_proj.bias[None, None])
+    x = torch.randn(2, 9, 8)
+    torch.testing.assert_close(moe(x)[0], mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_no_expert_exceeds_capacity_and_overflow_is_dropped(m):
+    torch.manual_seed(0)
+    moe = m.MoE(d_model=8, d_ff=12, n_experts=4, top_k=2, capacity_factor=0.5)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] += 1.0  # route almost everything to expert 0 -> overflow
+    x = torch.randn(40, 8).abs()
+    y, _ = moe(x)
+    cap = moe.stats["capacity"]
+    assert cap == math.ceil(0.5 * 40 * 2 / 4)
+    assert (moe.stats["kept_per_expert"] <= cap).all()
+    assert moe.stats["load"][0] == 40  # every token chose expert 0 first
+    assert moe.stats["drop_rate"] > 0
+    # The first `cap` tokens (in order) keep expert 0; a token that lost both experts outputs 0.
+    dropped_everywhere = (y.abs().sum(-1) == 0).sum().item()
+    assert dropped_everywhere > 0
+
+
+def test_balancing_loss_matches_hand_computation(m):
+    # 4 tokens, 2 experts, top-1. Routing: experts [0, 0, 0, 1] -> f = [3/4, 1/4].
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    top_i = torch.tensor([[0], [0], [0], [1]])
+    # P = mean probs = [0.65, 0.35]; loss = N * Σ f_i P_i = 2 * (0.75*0.65 + 0.25*0.35) = 1.15
+    assert m.load_balancing_loss(probs, top_i, 2).item() == pytest.approx(1.15)
+    uniform = torch.full((8, 4), 0.25)
+    assert m.load_balancing_loss(uniform, torch.arange(8).view(8, 1) % 4, 4).item() == pytest.approx(1.0)
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # logsumexp = log 2, log 4
+    assert m.router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+
+
+# --- learning -------------------------------------------------------------------------------------
+def train_steps(m, model, batches, steps, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for i in range(steps):
+        x, y = batches(i)
+        logits, aux = model(x)
+        loss = m.lm_loss(logits, y) + aux
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_tiny_selective_mamba_solves_short_copying(m):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = m.MambaLM(vocab_size=6, n_layer=1, d_model=32, d_state=8, d_conv=4, expand=2)
+    train_steps(m, model, lambda i: m.selective_copy_batch(32, 10, 3, 4, g), 250, 1e-2)
+    x, y = m.selective_copy_batch(256, 10, 3, 4, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pred = model(x)[0].argmax(-1)
+    acc = (pred[:, 10:] == y[:, 10:]).float().mean().item()
+    assert acc > 0.85, acc  # chance is 1/4; it reaches ~0.95 here
+
+
+def test_tiny_moe_lm_loss_falls(m):
+    torch.manual_seed(0)
+    text = torch.tensor([ord(c) - 97 for c in "abcabdabeabf" * 20])
+    model = m.TransformerLM(6, 16, 1, 32, 2, moe_kwargs=dict(d_ff=32, n_experts=4, top_k=2))
+
+    def batches(i):
+        ix = torch.randint(0, len(text) - 17, (16,))
+        return torch.stack([text[j:j + 16] for j in ix]), torch.stack([text[j + 1:j + 17] for j in ix])
+
+    first = m.lm_loss(model(batches(0)[0])[0], batches(0)[1]).item()
+    last = train_steps(m, model, batches, 60, 1e-2)
+    assert first > 1.6 and last < 0.9, (first, last)  # ln 6 = 1.79; the text is half predictable
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+COPY = ("--preset", "tiny", "--mode=copy", "--always_save_checkpoint")
+
+
+def test_cli_copy_resume_equals_uninterrupted(m, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # The whole comparison, stopped at step 10, then mamba resumed to 20 vs run straight to 20.
+    r = run_script(NAME, *COPY, f"--out_dir={a}", "--max_iters=10", timeout=600)
+    assert r.returncode == 0, r
+    assert "val acc" in r.output and "mamba_lti" in r.output and "Traceback" not in r.output
+    for name in ("mamba", "mamba_lti", "attn"):
+        assert (a / f"ckpt_{name}.pt").exists()
+    r = run_script(NAME, *COPY, "--models=mamba", f"--out_dir={a}", "--max_iters=20", "--init_from=resume",
+                   timeout=600)
+    assert r.returncode == 0, r
+    assert "from step 10" in r.output
+    m.main([*COPY, "--models=mamba", f"--out_dir={b}", "--max_iters=20"])  # in-process, 1 thread too
+    resumed = [rec for rec in read_log(a) if rec["model"] == "mamba" and rec["step"] == 20]
+    straight = [rec for rec in read_log(b) if rec["model"] == "mamba" and rec["step"] == 20]
+    assert len(resumed) == len(straight) == 1
+    assert resumed[0]["val_loss"] == straight[0]["val_loss"]
+    # A checkpoint trained with another shape is refused with a message.
+    with pytest.raises(SystemExit) as e:
+        m.main([*COPY, "--models=attn", f"--out_dir={a}", "--n_embd=16", "--init_from=resume"])
+    assert e.value.code == 1 and "another model config" in capsys.readouterr().err
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_identical_weights(tmp_path):
+    r = run_torchrun(NAME, *COPY, "--models=mamba,moe", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
+                     timeout=600)
+    assert r.returncode == 0, r
+    # Each rank prints a hash of its weights; the two ranks' lines may interleave in the pipe.
+    found = re.findall(r"\[rank (\d)\] \[(\w+)\] weights checksum ([0-9a-f]{16})", r.output)
+    for name in ("mamba", "moe"):
+        sums = {rank: digest for rank, model, digest in found if model == name}
+        assert set(sums) == {"0", "1"}, r
+        assert sums["0"] == sums["1"], sums
+
+
+def serve_fake_shakespeare(tmp_path, http_server):
+    site = tmp_path / "site"
+    site.mkdir()
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40).encode()
+    (site / "input.txt").write_bytes(text)
+    return http_server(site) + "/input.txt", hashlib.sha256(text).hexdigest()
+
+
+def test_lm_mode_downloads_and_trains(m, tmp_path, http_server, monkeypatch, capsys):
+    url, sha = serve_fake_shakespeare(tmp_path, http_server)
+    monkeypatch.setattr(m, "DATA_URL", url)
+    monkeypatch.setattr(m, "DATA_SHA256", sha)
+    data, out = tmp_path / "data", tmp_path / "out"
+    m.main(["--preset", "tiny", "--mode=lm", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4",
+            "--eval_interval=4", "--block_size=16"])
+    printed = capsys.readouterr().out
+    assert (data / "tinyshakespeare" / "input.txt").exists()
+    assert not (data / "tinyshakespeare" / "input.txt.part").exists()
+    for name in ("dense", "moe", "moe_nobal", "mamba"):
+        assert name in printed and (out / f"ckpt_{name}.pt").exists()
+    assert "Mamba sample" in printed
+    recs = read_log(out)
+    assert {r["model"] for r in recs} == {"dense", "moe", "moe_nobal", "mamba"}
+    assert all("load_cv" in r for r in recs if r["model"].startswith("moe"))
+    assert (out / "lm_curves.png").exists() and (out / "expert_load.png").exists()
+
+
+def test_missing_data_offline_is_a_clear_error(m, tmp_path, http_server, monkeypatch, capsys):
+    site = tmp_path / "empty"
+    site.mkdir()
+    monkeypatch.setattr(m, "DATA_URL", http_server(site) + "/input.txt")  # 404
+    with pytest.raises(SystemExit) as e:
+        m.main(["--preset", "tiny", "--mode=lm", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "could not download" in err and "input.txt" in err
+    assert not (tmp_path / "d" / "tinyshakespeare" / "input.txt.part").exists()
+
+
+def test_bench_mode(m, tmp_path, capsys):
+    m.main(["--preset", "tiny", "--mode=bench", f"--out_dir={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "KV cache" in printed
+    recs = read_log(tmp_path)
+    scans = [r for r in recs if r["bench"] == "scan"]
+    assert [r["l"] for r in scans] == [32, 64] and all(r["max_abs_diff"] < 1e-4 for r in scans)
+    mem = [r for r in recs if r["bench"] == "memory"]
+    assert mem[0]["mamba_state_bytes"] == mem[1]["mamba_state_bytes"]  # constant
+    assert mem[1]["kv_cache_bytes"] == 2 * mem[0]["kv_cache_bytes"]  # grows with the length
+
+
+@pytest.mark.data
+def test_real_tinyshakespeare_prepares(m, data_dir, tmp_path):
+    cfg = m.parse_args([f"--data_dir={data_dir('tinyshakespeare')}", f"--out_dir={tmp_path}"])
+    chars = m.prepare_shakespeare(cfg)
+    assert len(chars) == 65
+    n_train = (tmp_path / "train.bin").stat().st_size // 2
+    n_val = (tmp_path / "val.bin").stat().st_size // 2
+    assert n_train + n_val == 1_115_394 and n_train == int(0.9 * 1_115_394)
+
+
+@pytest.mark.parametrize("args,code,msg", [
+    (["--top_k=5", "--n_experts=4"], 1, "--top_k=5 must be between 1 and --n_experts=4"),
+    (["--mode=translate"], 1, "unknown --mode 'translate'"),
+    (["--models=mamba,rnn"], 1, "unknown model 'rnn'"),
+    (["--no_such_flag=1"], 2, "unknown flag --no_such_flag"),
+    (["--max_iters=ten"], 2, "--max_iters expects int"),
+])
+def test_bad_input_is_a_clear_error(m, tmp_path, capsys, args, code, msg):
+    with pytest.raises(SystemExit) as e:
+        m.main([*args, f"--out_dir={tmp_path}"])
+    assert e.value.code == code
+    assert msg in capsys.readouterr().err
+
+
+def test_help_lists_every_flag(m, capsys):
+    with pytest.raises(SystemExit) as e:
+        m.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--n_experts=" in out and "--mode=copy" in out
+
+
+@pytest.mark.parametrize("name", ["mamba", "attn", "moe"])
+def test_models_run_under_bfloat16_autocast(m, name):
+    cfg = m.parse_args(["--preset", "tiny"])
+    model = m.build_model(cfg, name, vocab_size=7, block_size=12)
+    x = torch.randint(0, 7, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(x)
+        loss = m.lm_loss(logits, x) + aux
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
