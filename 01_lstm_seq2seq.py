@@ -831,6 +831,7 @@ def save_checkpoint(path, model, optimizer, cfg, step, best_val, vocab):
     travel with the weights, so translate/attention need no data."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
     raw = getattr(raw, "module", raw)  # and DDP wraps it too
+    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
     ckpt = {
         "model": raw.state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -884,6 +884,7 @@ def save_checkpoint(path, model, optimizer, cfg, step, best_val, vocab=None):
     vocab make the file self-contained: a fine-tuning run rebuilds the model and tokenizer from it."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
     raw = getattr(raw, "module", raw)  # and DDP wraps it too
+    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
     ckpt = {
         "model": raw.state_dict(),
         "model_args": raw.args,

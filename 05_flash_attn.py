@@ -826,6 +826,7 @@ def save_checkpoint(path, model, optimizer, cfg, step, best_val):
     the previous checkpoint. The RNG state makes a resumed CPU run continue exactly."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
     raw = getattr(raw, "module", raw)  # and DDP wraps it too
+    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
     ckpt = {
         "model": raw.state_dict(),
         "optimizer": optimizer.state_dict(),
