@@ -1182,7 +1182,9 @@ def train(cfg) -> dict:
     if cfg.mode == "pretrain" and master:
         for text in ("the capital of france is [MASK] .", "he played [MASK] for the national team ."):
             print(f"fill-mask: {text} -> {fill_mask(raw_model, tok, text)}")
-    print(f"rank {rank}: weights fingerprint {fingerprint(raw_model)}")
+    # One write per rank, flushed: the two ranks' lines share stdout and must not interleave.
+    sys.stdout.write(f"rank {rank}: weights fingerprint {fingerprint(raw_model)}\n")
+    sys.stdout.flush()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
