@@ -8,7 +8,7 @@ forcing; greedy and batched beam search; BLEU measured the way papers report it 
 
 Run it:
     python 01_lstm_seq2seq.py                                # CPU quick run: English->French
-    python 01_lstm_seq2seq.py --dataset=multi30k             # German->English, as 02_transformer_mt.py
+    python 01_lstm_seq2seq.py --dataset=multi30k --max_iters=2000 --lr_decay_iters=2000   # German->English, as 02
     python 01_lstm_seq2seq.py --preset gpu                   # one GPU
     torchrun --standalone --nproc_per_node=8 01_lstm_seq2seq.py --preset gpu   # several GPUs (DDP)
     python 01_lstm_seq2seq.py --mode translate --text "i am cold ."
@@ -17,8 +17,9 @@ Run it:
     python 01_lstm_seq2seq.py --help                         # every flag, its default and meaning
 
 Expected result (README.md has the table): the `cpu` preset reaches test BLEU 20.0 (beam 5; 17.3
-greedy) on 618 held-out eng-fra pairs whose English never occurs in training; Multi30k needs far
-more steps than the `cpu` preset's 600 to approach published LSTM numbers (use `gpu`).
+greedy) on 618 held-out eng-fra pairs whose English never occurs in training; on Multi30k, the same
+model trained for 2,000 steps (--dataset=multi30k --max_iters=2000 --lr_decay_iters=2000) reaches
+32.95, cased against the raw references, in about 40 minutes on one CPU core.
 
 Notation: B batch, S source length, T target length, E embedding size (n_embd), H hidden size
 (n_hidden), L layers, D directions (2 if bidirectional), V vocabulary, K beam size.
@@ -720,8 +721,9 @@ class Seq2Seq(nn.Module):
         keys = None if self.attn is None else self.attn.keys(memory)
         return memory, keys, mask, (h, torch.zeros_like(h))
 
-    def step(self, y, state, feed, memory, keys, mask):
-        """One decoder step: previous word y (B,) -> logits (B, V), new state, h̃ (B, H), α (B, S)."""
+    def step(self, y, state, feed, memory, keys, mask, project=True):
+        """One decoder step: previous word y (B,) -> logits (B, V) (None if not `project`), new state,
+        h̃ (B, H), α (B, S)."""
         h, c = state  # (L, B, H) each; c unused by the GRU
         e = self.drop(self.tgt_embed(y))  # (B, E)
         weights = None
@@ -746,7 +748,7 @@ class Seq2Seq(nn.Module):
         if self.attn_kind.startswith("luong"):
             context, weights = self.attn(s, keys, memory, mask)  # attends with s_t
         attn_state = torch.tanh(self.combine(s if self.attn is None else torch.cat([s, context], dim=-1)))  # h̃ (B, H)
-        logits = self.out(self.drop(attn_state))  # (B, V)
+        logits = self.out(self.drop(attn_state)) if project else None  # (B, V)
         return logits, (torch.stack(new_h), torch.stack(new_c)), attn_state, weights
 
     def forward(self, src, src_len, tgt_in, teacher_forcing=1.0):
@@ -755,6 +757,13 @@ class Seq2Seq(nn.Module):
         memory, keys, mask, state = self.encode(src, src_len)
         feed = memory.new_zeros(src.size(0), self.n_hidden)  # h̃_0
         use_gold = torch.rand(tgt_in.size(1)) < teacher_forcing if teacher_forcing < 1 else None
+        if use_gold is None:  # pure teacher forcing: no step needs the previous step's logits, so the
+            # vocabulary projection (most of the FLOPs) runs once on all T steps: one big matmul, not T
+            outs = []
+            for t in range(tgt_in.size(1)):
+                _, state, feed, _ = self.step(tgt_in[:, t], state, feed, memory, keys, mask, project=False)
+                outs.append(feed)
+            return self.out(self.drop(torch.stack(outs, dim=1)))  # (B, T, V)
         logits, y = [], tgt_in[:, 0]
         for t in range(tgt_in.size(1)):
             if t > 0:

@@ -15,8 +15,8 @@ Run it:
     python 02_transformer_mt.py --mode sweep --max_iters 1500    # heads x width grid -> sweep.md
     python 02_transformer_mt.py --help                            # every flag, its default and meaning
 
-Expected result: see README.md's results table (Multi30k test2016 BLEU of the `cpu` preset and its
-time on a laptop CPU; the `gpu` preset's BLEU).
+Expected result (README.md has the table): the `cpu` preset reaches test BLEU ~33 on Multi30k
+test2016 (cased sacreBLEU, beam 4) in under half an hour on a 2-core CPU.
 
 Notation (Vaswani et al. 2017): B batch, S source length, T target length, C = d_model, nh heads,
 hd = d_k = d_v = C // nh, F = d_ff, V vocabulary, N = n_layer. Masks are boolean, True = may attend.
@@ -78,7 +78,7 @@ class Config:
     # training
     max_tokens: int = 2048  # token budget of a micro-batch: sentences x longest side, padding included
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2000  # optimizer steps
+    max_iters: int = 1250  # optimizer steps (~5 epochs of Multi30k at the default budget)
     learning_rate: float = 1e-3  # peak learning rate, reached at step warmup_iters
     warmup_iters: int = 400  # linear warmup, then lr ~ 1/sqrt(step) (paper eq. 3)
     label_smoothing: float = 0.1  # epsilon_ls (paper §5.4)
@@ -101,7 +101,9 @@ class Config:
 PRESETS = {
     "tiny": dict(vocab_size=512, n_layer=1, d_model=32, n_head=2, d_ff=64, max_tokens=512, max_iters=20,
                  warmup_iters=5, eval_interval=10, log_interval=5, block_size=128, beam=2),  # tests
-    "cpu": dict(),  # the default: a laptop CPU, about half an hour
+    # the default: a 2-core CPU in under half an hour. Test BLEU of one run, beam 4, at steps
+    # 1000 / 1250 / 1500: 30.3 / 33.2 / 34.2 (the schedule does not depend on max_iters).
+    "cpu": dict(),
     "gpu": dict(n_layer=6, d_model=512, n_head=8, d_ff=2048, max_tokens=8192, gradient_accumulation_steps=1,
                 max_iters=12000, learning_rate=7e-4, warmup_iters=4000, eval_interval=1000, log_interval=100,
                 beam=5, compile=True),  # Transformer-base shape, as in the paper

@@ -10,6 +10,7 @@ embeddings, a tanh pooler and an MLM head tied to the input embeddings; loading 
 
 Run it:
     python 04_bert.py --mode pretrain                    # CPU: WikiText-2, a BERT-Tiny (the `cpu` preset)
+    python 04_bert.py --mode pretrain --corpus wikitext2+sst2   # add SST-2's training text, unlabeled
     python 04_bert.py --mode finetune --init_from out/04_bert/pretrain.pt     # SST-2 from our checkpoint
     python 04_bert.py --mode finetune --vocab out/04_bert/vocab.txt --out_dir out/04_bert_scratch
     python 04_bert.py --mode distill --teacher out/04_bert/finetune.pt       # a half-depth student
@@ -17,10 +18,11 @@ Run it:
     torchrun --standalone --nproc_per_node=8 04_bert.py --mode pretrain --preset gpu   # DDP
     python 04_bert.py --help                             # every flag, its default and meaning
 
-Expected result (README.md's table for 04; 2-core CPU shared with other jobs): SST-2 dev accuracy ~0.78-0.80
-after 1,500 fine-tuning steps both from scratch and from our BERT-Tiny pretrained for 1,000 steps on the
-2.4 MB of WikiText-2 valid+test -- so little pretraining text buys nothing measurable; the half-depth
-student keeps ~100% of its teacher's accuracy at ~1.9x the speed. With bert-base-uncased on a GPU,
+Expected result (README.md's table for 04; 2-core CPU shared with other jobs): SST-2 dev accuracy
+~0.78-0.82 after 1,500 fine-tuning steps both from scratch and from our BERT-Tiny pretrained for
+~1,000 steps on the 2.4 MB of WikiText-2 valid+test (plus, with --corpus wikitext2+sst2, the
+unlabeled SST-2 training text) -- pretraining this short buys nothing, it even costs ~2 points; the
+half-depth student keeps ~100% of its teacher's accuracy at ~1.9x the speed. With bert-base-uncased on a GPU,
 aim for >= 92% (the paper: 92.7; not measured here).
 
 Notation: B batch, T sequence length, C channels (n_embd), nh heads, hd head dim (C // nh), V vocab,
@@ -70,7 +72,7 @@ class Config:
     data_dir: str = os.environ.get("LLM_DATA_DIR", "data")  # raw downloads; read, never modified
     init_from: str = "scratch"  # scratch | resume | our .pt | HF folder | HF hub name (bert-base-uncased)
     mode: str = "pretrain"  # pretrain (MLM + NSP) | finetune (SST-2) | distill (teacher -> student)
-    corpus: str = "wikitext2"  # pretraining text: wikitext2 | wikitext103 | a file (sentence a line)
+    corpus: str = "wikitext2"  # pretraining text: wikitext2 | wikitext103 | sst2 | a file; a+b joins them
     task: str = "sst2"  # fine-tuning task: sst2 (GLUE SST-2 sentiment)
     vocab: str = ""  # a vocab.txt to use; empty: the checkpoint's, or train one on --corpus
     teacher: str = ""  # distill: the fine-tuned teacher checkpoint (empty: <out_dir>/finetune.pt)
@@ -495,10 +497,30 @@ def text_documents(path):
 
 
 def load_corpus(cfg, master=True):
-    """-> (train documents, validation documents, a note saying what was used)."""
+    """-> (train documents, validation documents, a note saying what was used). `--corpus a+b` joins
+    several sources."""
+    parts = [load_one_corpus(dataclasses.replace(cfg, corpus=c), master) for c in cfg.corpus.split("+")]
+    train = [d for p in parts for d in p[0]]
+    if sum(len(d) > 1 for d in train) == 1:
+        raise UserError(f"--corpus {cfg.corpus}: NSP needs two or more multi-sentence documents (or none)")
+    return train, [d for p in parts for d in p[1]], "; ".join(p[2] for p in parts)
+
+
+def load_one_corpus(cfg, master=True):
+    if cfg.corpus == "sst2":
+        # Self-pretraining (Krishna et al. 2022, "Downstream Datasets Make Surprisingly Good Pretraining
+        # Corpora", arXiv:2209.14389): the *text* of the fine-tuning task's training split, labels
+        # thrown away, as pretraining data. The dev split is never read here. Each phrase is a
+        # one-sentence document: MLM examples only, no NSP pair.
+        texts = [t for t, _ in read_sst2(cfg, master)["train"]]
+        n_val = len(texts) // 20
+        return ([[t] for t in texts[:-n_val]], [[t] for t in texts[-n_val:]],
+                f"sst2: the {len(texts)} SST-2 training sentences and phrases, unlabeled, "
+                f"the last {n_val} held out")
     if cfg.corpus not in ("wikitext2", "wikitext103"):
         if not os.path.isfile(cfg.corpus):
-            raise UserError(f"--corpus must be wikitext2, wikitext103 or a text file; {cfg.corpus!r} is neither")
+            raise UserError(f"--corpus must be wikitext2, wikitext103, sst2 or a text file (or several joined "
+                            f"by +); {cfg.corpus!r} is none of these")
         docs = text_documents(cfg.corpus)
         if len(docs) < 4:
             raise UserError(f"{cfg.corpus} has {len(docs)} documents; NSP needs several (blank line between)")
@@ -559,15 +581,22 @@ def make_nsp_pairs(docs, rng, tok, max_len):
     """One pair per sentence that has a successor: half the time B is that true next sentence
     (label 0, IsNext), half the time a random sentence of a *different* document (label 1, NotNext),
     so a NotNext B can never be the true continuation (BERT 3.1 Task #2; labels as in BERT's
-    checkpoints). Returns [(ids, segment ids, label)]."""
+    checkpoints). A one-sentence document gives one `[CLS] A [SEP]` example with NSP label -100
+    (ignored): MLM only. It is never drawn as a NotNext B either: mixed with a few long documents, a
+    corpus of many one-line ones would make nearly every NotNext B come from another source, and NSP
+    would be solved by spotting the source. Returns [(ids, segment ids, label)]."""
     pairs = []
+    multi = [d for d, doc in enumerate(docs) if len(doc) > 1]  # the documents NSP draws from
     for d, doc in enumerate(docs):
+        if len(doc) == 1:
+            ids = [tok.cls_id] + doc[0][:max_len - 2] + [tok.sep_id]
+            pairs.append((ids, [0] * len(ids), -100))
         for i in range(len(doc) - 1):
             if rng.random() < 0.5:
                 pairs.append(pack_pair(doc[i], doc[i + 1], 0, max_len, tok.cls_id, tok.sep_id))
             else:
-                o = rng.randrange(len(docs) - 1)
-                other = docs[o + (o >= d)]  # any document but this one
+                o = rng.randrange(len(multi) - 1)
+                other = docs[multi[o + (multi[o] >= d)]]  # any multi-sentence document but this one
                 pairs.append(pack_pair(doc[i], other[rng.randrange(len(other))], 1, max_len, tok.cls_id, tok.sep_id))
     return pairs
 
@@ -944,10 +973,14 @@ def pretrain_loss(model, batch, tok, cfg, gen):
     chosen = labels != -100  # (B, T)
     mlm_logits, nsp_logits, _ = model(inputs, seg, attn_mask, mlm_mask=chosen)  # (N, V), (B, 2)
     mlm_loss = F.cross_entropy(mlm_logits.float(), labels[chosen])
-    nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
-    stats = {"mlm_loss": mlm_loss.item(), "nsp_loss": nsp_loss.item(),
-             "mlm_acc": (mlm_logits.argmax(-1) == labels[chosen]).float().mean().item(),
-             "nsp_acc": (nsp_logits.argmax(-1) == nsp_labels).float().mean().item()}
+    mlm_acc = (mlm_logits.argmax(-1) == labels[chosen]).float().mean()
+    stats = {"mlm_loss": mlm_loss.item(), "mlm_acc": mlm_acc.item()}
+    has_nsp = nsp_labels != -100  # one-sentence examples carry no NSP label
+    if not has_nsp.any():  # 0 * logits keeps the NSP head in the graph (DDP expects every gradient)
+        return mlm_loss + 0.0 * nsp_logits.sum(), stats
+    nsp_loss = F.cross_entropy(nsp_logits.float()[has_nsp], nsp_labels[has_nsp])
+    nsp_acc = (nsp_logits.argmax(-1) == nsp_labels)[has_nsp].float().mean()
+    stats.update(nsp_loss=nsp_loss.item(), nsp_acc=nsp_acc.item())
     return mlm_loss + nsp_loss, stats
 
 
@@ -1197,12 +1230,13 @@ def evaluate(model, eval_batches, run_loss, cfg):
     """Losses and accuracies over the validation batches, weighted by batch size (so dev accuracy is
     exactly correct / total); pretraining uses fixed masks, comparable from one evaluation to the next."""
     model.eval()
-    totals, n = Counter(), 0
+    totals, n = Counter(), Counter()  # n per statistic: a batch of one-sentence examples has no NSP
     for i, batch in enumerate(eval_batches):
         loss, stats = run_loss(model, batch, -1 - i, 0)
-        totals.update({k: v * len(batch) for k, v in {**stats, "val_loss": loss.item()}.items()})
-        n += len(batch)
-    return {k: v / n for k, v in totals.items()}
+        stats = {**stats, "val_loss": loss.item()}
+        totals.update({k: v * len(batch) for k, v in stats.items()})
+        n.update({k: len(batch) for k in stats})
+    return {k: v / n[k] for k, v in totals.items()}
 
 
 def limit_cpu_fragmentation():

@@ -177,6 +177,21 @@ def test_beam_one_equals_greedy(mod, cell, attn):
     assert mod.beam_search(model, src, src_len, 3, 9).shape[0] == 6
 
 
+@pytest.mark.parametrize("attn", ["bahdanau", "luong_general", "none"])
+def test_teacher_forced_forward_equals_step_by_step(mod, attn):
+    """forward() projects all steps to the vocabulary at once; step() does it one word at a time."""
+    torch.manual_seed(5)
+    model = mod.Seq2Seq(10, 11, 8, 12, n_layer=2, attn=attn).eval()
+    src, src_len, tgt_in, _ = reversal_batch(mod, 6, torch.Generator().manual_seed(1))
+    memory, keys, mask, state = model.encode(src, src_len)
+    feed, steps = memory.new_zeros(6, 12), []
+    for t in range(tgt_in.size(1)):
+        logits, state, feed, _ = model.step(tgt_in[:, t], state, feed, memory, keys, mask)
+        steps.append(logits)
+    torch.testing.assert_close(model(src, src_len, tgt_in), torch.stack(steps, 1))
+    torch.testing.assert_close(model(src, src_len, tgt_in, teacher_forcing=0.999999), torch.stack(steps, 1))
+
+
 def test_learns_to_reverse_sequences(mod):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 import torch
+import torch.nn as nn
 
 from conftest import load_script, run_script, run_torchrun
 
@@ -229,6 +230,49 @@ def test_lr_schedule(m):
     assert m.get_lr(110, cfg) == pytest.approx(0.1) and m.get_lr(500, cfg) == 0.1
 
 
+def test_newton_schulz_orthogonalizes(m):
+    """Five quintic steps bring every singular value of a random wide or tall matrix into about
+    [0.7, 1.2] (the coefficients trade exactness for speed), and the singular vectors are kept."""
+    torch.manual_seed(0)
+    for shape in [(32, 128), (128, 32)]:
+        G = torch.randn(*shape, dtype=torch.float64)
+        X = m.newton_schulz(G)
+        s = torch.linalg.svdvals(X)
+        assert 0.6 < s.min() and s.max() < 1.25, s
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        assert torch.allclose(U.T @ X @ Vh.T, torch.diag(torch.diag(U.T @ X @ Vh.T)), atol=1e-6)
+
+
+def test_muon_optimizer(m):
+    """The non-Muon groups are exactly torch's AdamW; the Muon group moves each matrix by an
+    orthogonalized step of size lr * sqrt(max(1, out/in)) per singular direction."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 4), nn.Linear(5, 4)
+    b.load_state_dict(a.state_dict())
+    groups = lambda net: [{"params": [net.weight], "weight_decay": 0.1}, {"params": [net.bias], "weight_decay": 0.0}]
+    opt_a = m.Muon(groups(a), lr=1e-2, betas=(0.9, 0.99))
+    opt_b = torch.optim.AdamW(groups(b), lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(5):
+        x = torch.randn(8, 5)
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+    W = nn.Parameter(torch.randn(64, 16))
+    W.grad = torch.randn(64, 16)
+    before = W.detach().clone()
+    m.Muon([{"params": [W], "muon": True}], lr=0.1).step()
+    s = torch.linalg.svdvals(W.detach() - before)
+    assert torch.all((s > 0.6 * 0.2) & (s < 1.25 * 0.2)), s  # lr 0.1 * sqrt(64 / 16) = 0.2
+    model = m.GPT(m.GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=16))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", "muon", 0.02)
+    muon = [g for g in opt.param_groups if g["muon"]][0]
+    assert len(muon["params"]) == 2 * 4 and muon["lr_scale"] == pytest.approx(20)  # qkv, proj, fc, proj
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
 def test_learns_repetitive_text(m, tmp_path, capsys):
     """A tiny model memorizes a repeated 26-letter pattern: from ln(27)=3.3 to below 0.2 (from a
     local file.txt, which also exercises that dataset path)."""
@@ -246,9 +290,10 @@ def read_log(folder):
 
 
 def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
-    """Uninterrupted 20 steps (in-process) == 10 steps + resume to 20 (two CLI runs)."""
+    """Uninterrupted 20 steps (in-process) == 10 steps + resume to 20 (two CLI runs), with Muon (the
+    default preset's optimizer: its momentum and AdamW moments must come back from the checkpoint)."""
     common = ["--preset", "tiny", f"--dataset={corpus}", "--always_save_checkpoint=true", "--lr_decay_iters=20",
-              "--dropout=0.1"]
+              "--dropout=0.1", "--optimizer=muon"]
     full = m.main(common + [f"--out_dir={tmp_path / 'full'}", "--max_iters=20"])
     part = tmp_path / "part"
     r = run_script("03_gpt", *common, f"--out_dir={part}", "--max_iters=10")
@@ -311,8 +356,9 @@ def test_grad_ckpt_same_gradients(m):
 
 @pytest.mark.ddp
 def test_ddp_two_ranks_identical_weights(tmp_path, corpus):
+    """Muon, as in the default preset: each rank orthogonalizes the same all-reduced gradients."""
     r = run_torchrun("03_gpt", "--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--max_iters=6",
-                     "--eval_interval=6", "--gradient_accumulation_steps=2", "--num_samples=1")
+                     "--eval_interval=6", "--gradient_accumulation_steps=2", "--num_samples=1", "--optimizer=muon")
     assert r.returncode == 0, r
     final = [rec for rec in read_log(tmp_path) if rec.get("final")]
     assert len(final) == 1  # rank 0 alone logs

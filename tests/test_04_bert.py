@@ -2,6 +2,7 @@
 on a Hugging Face-layout checkpoint written here, learning, the CLI in every mode, resume, DDP, bad input."""
 import io
 import json
+import math
 import os
 import random
 import re
@@ -123,6 +124,41 @@ def test_nsp_pairs(m):
             assert b[0] == a[0] and b[1] == a[1] + 1
         else:  # NotNext: B comes from another document, so it is never the true next sentence
             assert b[0] != a[0]
+
+
+def test_one_sentence_documents_are_mlm_only(m):
+    """A one-sentence document (e.g. an SST-2 phrase) gives `[CLS] A [SEP]` with NSP label -100 and is
+    never a NotNext B; a batch of only those trains MLM alone (no NaN from an empty NSP mean) and keeps
+    the NSP head in the graph; a mixed batch averages NSP over the labelled pairs only."""
+    tok = m.BertTokenizer(m.SPECIALS + [f"w{i}" for i in range(40)])
+    docs = [[[5 + d, 6 + d, 7]] for d in range(6)] + [[[20 + j, 21] for j in range(3)] for _ in range(4)]
+    pairs = m.make_nsp_pairs(docs, random.Random(0), tok, max_len=12)
+    singles = [p for p in pairs if p[2] == -100]
+    assert len(singles) == 6 and len(pairs) == 6 + 4 * 2
+    assert all(p[0] == [tok.cls_id, 5 + d, 6 + d, 7, tok.sep_id] and p[1] == [0] * 5 for d, p in enumerate(singles))
+    not_next = [p[0] for p in pairs if p[2] == 1]
+    assert not_next and all(ids[ids.index(tok.sep_id) + 1] >= 20 for ids in not_next)  # B from a long document
+    torch.manual_seed(0)
+    model = m.BERT(len(tok.itos), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    cfg = m.Config(mlm_prob=0.5)
+    loss, stats = m.pretrain_loss(model, m.collate(singles, tok.pad_id), tok, cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and "nsp_loss" not in stats and model.nsp.weight.grad is not None
+    _, stats = m.pretrain_loss(model, m.collate(pairs, tok.pad_id), tok, cfg, torch.Generator().manual_seed(0))
+    assert 0 <= stats["nsp_acc"] <= 1 and math.isfinite(stats["nsp_loss"])
+
+
+def test_corpus_sst2_and_joined_sources(m, tmp_path):
+    """--corpus sst2 reads the training sentences only (never dev); `a+b` concatenates sources."""
+    write_sst2(tmp_path / "sst2", n_train=100, n_dev=10)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = m.Config(data_dir=str(tmp_path), corpus="sst2")
+    train, val, note = m.load_corpus(cfg)
+    assert len(train) == 95 and len(val) == 5 and all(len(d) == 1 for d in train + val) and "sst2" in note
+    assert [d[0] for d in train + val] == [t for t, _ in m.read_sst2(cfg)["train"]]  # train text, in order
+    t2, v2, note2 = m.load_corpus(m.Config(data_dir=str(tmp_path), corpus=f"{corpus}+sst2"))
+    t1, v1, _ = m.load_corpus(m.Config(data_dir=str(tmp_path), corpus=str(corpus)))
+    assert t2 == t1 + train and v2 == v1 + val and note2.endswith(note)
 
 
 # --- model ----------------------------------------------------------------------------------------
