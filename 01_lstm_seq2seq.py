@@ -758,7 +758,7 @@ class Seq2Seq(nn.Module):
         feed = memory.new_zeros(src.size(0), self.n_hidden)  # h̃_0
         use_gold = torch.rand(tgt_in.size(1)) < teacher_forcing if teacher_forcing < 1 else None
         if use_gold is None:  # pure teacher forcing: no step needs the previous step's logits, so the
-            # vocabulary projection (most of the FLOPs) runs once on all T steps: one big matmul, not T
+            # vocabulary projection (the step's largest matmul) runs once on all T steps, not T times
             outs = []
             for t in range(tgt_in.size(1)):
                 _, state, feed, _ = self.step(tgt_in[:, t], state, feed, memory, keys, mask, project=False)
