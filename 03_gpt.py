@@ -880,15 +880,14 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             if group["muon"]:
                 self._muon_step(group)
                 continue
+            lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state, g = self.state[p], p.grad
-                beta1, beta2 = group["betas"]
                 if not state:
                     state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
                 state["t"] = t = state["t"] + 1
