@@ -12,7 +12,7 @@ Run it:
     torchrun --standalone --nproc_per_node=8 02_transformer_mt.py --preset gpu   # several GPUs (DDP)
     python 02_transformer_mt.py --mode translate --text "Ein Mann fährt Fahrrad."
     python 02_transformer_mt.py --mode attention --text "Ein Hund läuft im Schnee."   # PNG heatmaps
-    python 02_transformer_mt.py --mode sweep --max_iters 1500    # heads x width grid -> sweep.md
+    python 02_transformer_mt.py --mode sweep --max_iters 750     # heads x width grid -> sweep.md
     python 02_transformer_mt.py --help                            # every flag, its default and meaning
 
 Expected result (README.md has the table): the `cpu` preset reaches test BLEU ~33 on Multi30k

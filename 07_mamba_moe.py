@@ -18,8 +18,8 @@ Run it:
 Expected result (cpu preset, 1,500 steps, one thread of a shared 2-core CPU): selective copying
 accuracy Mamba 99.9%, LTI ablation 31%, 1-layer attention 81%; tinyshakespeare val loss (nats/char)
 dense 1.96, MoE 1.88, Mamba 1.75 (but ~5x the wall time); expert-load CV 0.05 with the balancing
-loss, 0.96 without (3 of 8 experts dead); parallel scan 4-8x faster than the loop at l = 1024
-(forward+backward), equal to 1e-5.
+loss, 0.96 without (3 of 8 experts dead); at l = 1024 (forward+backward, 2 threads) the parallel
+scan is ~9-13x faster than the loop (median 9.3x), ~20-27x with --compile, equal to 1e-5.
 
 Notation (Mamba paper, Gu & Dao 2023, Algorithm 2): b batch, l sequence length, d channels of the
 scan (d_inner = expand * d_model), n state size (d_state); u input (b, l, d); Δ step size (b, l, d);
@@ -34,6 +34,7 @@ Tests compare the parallel scan with the sequential loop (values, gradients), st
 the sorted MoE dispatch with a per-token loop, one-expert MoE with a dense FFN, the losses with hand
 computation.
 """
+import ctypes
 import dataclasses
 import hashlib
 import inspect
@@ -108,8 +109,9 @@ class Config:
     always_save_checkpoint: bool = False  # save at every eval, not only on a new best val loss
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    keep_freed_memory: bool = True  # glibc: reuse freed tensor memory instead of page-faulting it back in
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; float16 uses a GradScaler)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (bench: also time the compiled parallel scan)
     seed: int = 1337  # base seed; rank r uses seed + r
 
 
@@ -237,6 +239,27 @@ def setup_ddp():
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+    PyTorch takes CPU tensor memory from malloc. By default glibc serves large blocks (over a threshold
+    that starts at 128 KiB) with fresh pages from mmap and gives them back on free (munmap, or
+    trimming the top of the heap), so the next tensor of that size is page-faulted in and zeroed by
+    the kernel all over again. The parallel scan makes dozens of multi-MB (b, l, d, n) temporaries
+    per call, and on this project's 2-core VM those page faults cost about as much as the arithmetic
+    (README: 07's bench rows). Fixed thresholds keep them: blocks up to 32 MiB come from the heap
+    (M_MMAP_THRESHOLD) and the heap is not trimmed until 1 GiB is free (M_TRIM_THRESHOLD); see
+    `man mallopt`. PyTorch's performance tuning guide gives the same advice in another form:
+    preload jemalloc or tcmalloc. -> True if glibc accepted the settings (False elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...): keep the default allocator
+        return False
 
 
 def setup_device(cfg, local_rank=0):
@@ -405,7 +428,8 @@ def _scan_pairs(a, x):
     l = a.shape[1]
     if l == 1:
         return x
-    if l % 2:  # pad with the identity map (a=1, x=0) so the sequence splits into pairs
+    odd = l % 2
+    if odd:  # pad with the identity map (a=1, x=0) so the sequence splits into pairs
         a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
         x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
     a_even, a_odd = a.unflatten(1, (-1, 2)).unbind(2)  # (b, l/2, ...) each: positions 0,2,.. and 1,3,..
@@ -413,7 +437,10 @@ def _scan_pairs(a, x):
     h_odd = _scan_pairs(a_odd * a_even, a_odd * x_even + x_odd)  # h at positions 1, 3, 5, ...
     h_prev = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)  # h at -1, 1, 3, ...
     h_even = a_even * h_prev + x_even  # h at positions 0, 2, 4, ...
-    return torch.stack([h_even, h_odd], dim=2).flatten(1, 2)[:, :l]  # interleave -> (b, l, ...)
+    h = torch.stack([h_even, h_odd], dim=2).flatten(1, 2)  # interleave -> (b, l, ...)
+    # Slice only if we padded: even a slice that keeps everything costs its backward a zero-filled
+    # full-size gradient and a copy, at every level of the recursion.
+    return h[:, :l] if odd else h
 
 
 def selective_scan_parallel(u, delta, A, B, C, D):
@@ -910,7 +937,7 @@ def train(cfg, name, task, rank=0, world_size=1, local_rank=0) -> dict:
 
 
 # --- Evaluation / inference -----------------------------------------------------------------------
-def time_call(fn, device="cpu", repeat=3):
+def time_call(fn, device="cpu", repeat=5):
     """Best of `repeat` wall times of fn(), after one warm-up call (waiting for the GPU to finish)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn()
@@ -926,11 +953,16 @@ def time_call(fn, device="cpu", repeat=3):
 
 def bench(cfg):
     """Sequential loop vs parallel scan (forward, forward+backward, max difference) as l grows; then
-    the memory of Mamba's recurrent state vs a Transformer's KV cache as generation proceeds."""
+    the memory of Mamba's recurrent state vs a Transformer's KV cache as generation proceeds.
+    With --compile, also the parallel scan compiled by torch.compile: Inductor fuses its elementwise
+    operations into a few loops that keep values in registers and cache instead of writing every
+    intermediate (b, l, d, n) tensor to memory -- on a CPU, the same idea as the paper's fused kernel
+    (§3.3.2). The loop is not compiled: a 1024-step graph is the very thing the scan avoids."""
     device, _, _ = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     b, d, n = 1, cfg.expand * cfg.n_embd, cfg.d_state
-    print(f"scan benchmark on {device} (b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads)")
+    print(f"scan benchmark on {device} (b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads, "
+          f"keep_freed_memory={cfg.keep_freed_memory})")
     print(f"{'l':>6} {'seq fwd ms':>11} {'par fwd ms':>11} {'seq f+b ms':>11} {'par f+b ms':>11} "
           f"{'speed-up f+b':>13} {'max |diff|':>11}")
     rows = []
@@ -942,7 +974,10 @@ def bench(cfg):
         D = torch.randn(d, device=device, requires_grad=True)
         args = (u, delta, A, B, C, D)
         row = {"l": l}
-        for kind, scan in (("seq", selective_scan_sequential), ("par", selective_scan_parallel)):
+        kinds = [("seq", selective_scan_sequential), ("par", selective_scan_parallel)]
+        if cfg.compile:
+            kinds.append(("compiled", torch.compile(selective_scan_parallel, dynamic=False)))
+        for kind, scan in kinds:
             with torch.no_grad():
                 row[f"{kind}_fwd_ms"] = 1000 * time_call(lambda: scan(*args), device)
             row[f"{kind}_fwdbwd_ms"] = 1000 * time_call(lambda: scan(*args).sum().backward(), device)
@@ -951,6 +986,10 @@ def bench(cfg):
         row["speedup_fwdbwd"] = row["seq_fwdbwd_ms"] / row["par_fwdbwd_ms"]
         print(f"{l:>6} {row['seq_fwd_ms']:>11.1f} {row['par_fwd_ms']:>11.1f} {row['seq_fwdbwd_ms']:>11.1f} "
               f"{row['par_fwdbwd_ms']:>11.1f} {row['speedup_fwdbwd']:>12.1f}x {row['max_abs_diff']:>11.2e}")
+        if cfg.compile:
+            row["speedup_compiled_fwdbwd"] = row["seq_fwdbwd_ms"] / row["compiled_fwdbwd_ms"]
+            print(f"{'':>6} compiled parallel scan: fwd {row['compiled_fwd_ms']:.1f} ms, f+b "
+                  f"{row['compiled_fwdbwd_ms']:.1f} ms, {row['speedup_compiled_fwdbwd']:.1f}x the loop")
         log_jsonl(cfg, {"bench": "scan", **row})
         rows.append(row)
     # Generation memory: Mamba's state is measured from the tensors step() carries; a Transformer of
@@ -1057,6 +1096,8 @@ def run_comparison(cfg):
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
     try:
         check_config(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
