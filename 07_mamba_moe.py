@@ -247,7 +247,7 @@ def keep_freed_memory():
     that starts at 128 KiB) with fresh pages from mmap and gives them back on free (munmap, or
     trimming the top of the heap), so the next tensor of that size is page-faulted in and zeroed by
     the kernel all over again. The parallel scan makes dozens of multi-MB (b, l, d, n) temporaries
-    per call, and on this project's 2-core VM those page faults cost about as much as the arithmetic
+    per call; on one thread of this project's 2-core VM the page faults made it up to 1.8x slower
     (README: 07's bench rows). Fixed thresholds keep them: blocks up to 32 MiB come from the heap
     (M_MMAP_THRESHOLD) and the heap is not trimmed until 1 GiB is free (M_TRIM_THRESHOLD); see
     `man mallopt`. PyTorch's performance tuning guide gives the same advice in another form:
@@ -982,14 +982,18 @@ def bench(cfg):
                 row[f"{kind}_fwd_ms"] = 1000 * time_call(lambda: scan(*args), device)
             row[f"{kind}_fwdbwd_ms"] = 1000 * time_call(lambda: scan(*args).sum().backward(), device)
         with torch.no_grad():
-            row["max_abs_diff"] = (selective_scan_parallel(*args) - selective_scan_sequential(*args)).abs().max().item()
+            y_seq = selective_scan_sequential(*args)
+            for kind, scan in kinds[1:]:  # "par" -> max_abs_diff, "compiled" -> compiled_max_abs_diff
+                key = "max_abs_diff" if kind == "par" else f"{kind}_max_abs_diff"
+                row[key] = (scan(*args) - y_seq).abs().max().item()
         row["speedup_fwdbwd"] = row["seq_fwdbwd_ms"] / row["par_fwdbwd_ms"]
         print(f"{l:>6} {row['seq_fwd_ms']:>11.1f} {row['par_fwd_ms']:>11.1f} {row['seq_fwdbwd_ms']:>11.1f} "
               f"{row['par_fwdbwd_ms']:>11.1f} {row['speedup_fwdbwd']:>12.1f}x {row['max_abs_diff']:>11.2e}")
         if cfg.compile:
             row["speedup_compiled_fwdbwd"] = row["seq_fwdbwd_ms"] / row["compiled_fwdbwd_ms"]
             print(f"{'':>6} compiled parallel scan: fwd {row['compiled_fwd_ms']:.1f} ms, f+b "
-                  f"{row['compiled_fwdbwd_ms']:.1f} ms, {row['speedup_compiled_fwdbwd']:.1f}x the loop")
+                  f"{row['compiled_fwdbwd_ms']:.1f} ms, {row['speedup_compiled_fwdbwd']:.1f}x the loop, "
+                  f"max |diff| {row['compiled_max_abs_diff']:.2e}")
         log_jsonl(cfg, {"bench": "scan", **row})
         rows.append(row)
     # Generation memory: Mamba's state is measured from the tensors step() carries; a Transformer of

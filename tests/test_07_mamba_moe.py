@@ -337,6 +337,7 @@ def test_bench_times_the_compiled_scan(m, tmp_path, capsys):
     m.main(["--preset", "tiny", "--mode=bench", "--bench_lengths=16", "--compile=true", f"--out_dir={tmp_path}"])
     assert "compiled parallel scan" in capsys.readouterr().out
     row = next(r for r in read_log(tmp_path) if r["bench"] == "scan")
+    assert row["compiled_max_abs_diff"] < 1e-4  # the fused kernel computes the same scan
     assert row["compiled_fwdbwd_ms"] > 0 and row["speedup_compiled_fwdbwd"] == pytest.approx(
         row["seq_fwdbwd_ms"] / row["compiled_fwdbwd_ms"])
 
