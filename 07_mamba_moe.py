@@ -4,8 +4,9 @@ Two answers to the Transformer's costs. Mamba replaces attention by a recurrence
 depend on the input (the "selection" mechanism): it trains in parallel with an associative scan and
 generates with a constant-size state instead of a growing KV cache. MoE replaces the dense FFN by many
 experts of which each token uses only top_k: parameters grow, compute per token does not.
-You will learn: zero-order-hold discretization, a log-depth scan that autograd differentiates, the
-recurrent step of a Mamba block, top-k routing with capacity, the load-balancing and z losses.
+You will learn: zero-order-hold discretization, a log-depth scan and its backward (the same scan run
+backwards in time), the recurrent step of a Mamba block, top-k routing with capacity, the
+load-balancing and z losses.
 
 Run it:
     python 07_mamba_moe.py                          # selective copying: Mamba vs LTI vs attention
@@ -15,11 +16,11 @@ Run it:
     torchrun --standalone --nproc_per_node=8 07_mamba_moe.py --preset gpu --mode lm   # DDP
     python 07_mamba_moe.py --help                   # every flag, its default and meaning
 
-Expected result (cpu preset, 1,500 steps, one thread of a shared 2-core CPU): selective copying
-accuracy Mamba 99.9%, LTI ablation 31%, 1-layer attention 81%; tinyshakespeare val loss (nats/char)
-dense 1.96, MoE 1.88, Mamba 1.75 (but ~5x the wall time); expert-load CV 0.05 with the balancing
-loss, 0.96 without (3 of 8 experts dead); at l = 1024 (forward+backward, 2 threads) the parallel
-scan is ~9-13x faster than the loop (median 9.3x), ~20-27x with --compile, equal to 1e-5.
+Expected result (cpu preset, 1,500 steps, 2 threads of a 2-core CPU): selective copying accuracy
+Mamba 100% (34 s), LTI ablation 31%, 1-layer attention 81%; tinyshakespeare val loss (nats/char)
+dense 1.96 (13 s), MoE 1.88, Mamba 1.75 (48 s); expert-load CV 0.05 with the balancing loss, 0.96
+without (3 of 8 experts dead); at l = 1024 (forward+backward) the parallel scan is ~13-22x faster
+than the loop (median 19x; ~11x on one thread), equal to 1e-5.
 
 Notation (Mamba paper, Gu & Dao 2023, Algorithm 2): b batch, l sequence length, d channels of the
 scan (d_inner = expand * d_model), n state size (d_state); u input (b, l, d); Δ step size (b, l, d);
@@ -27,7 +28,8 @@ A (d, n) with negative entries; B, C (b, l, n); D (d,) skip; Ā = exp(ΔA), B̄ 
 Transformer/MoE: B batch, T length, C n_embd, nh heads, hd head dim, V vocab, E experts, k top_k.
 
 References: Mamba arXiv:2312.00752 (§3.2 selection, §3.3 scan, §4.1.1 selective copying);
-S4 arXiv:2111.00396; Blelloch 1990 "Prefix sums and their applications"; Switch Transformer
+S4 arXiv:2111.00396; Blelloch 1990 "Prefix sums and their applications"; Martin & Cundy
+arXiv:1709.04057 (linear recurrences trained by parallel scan, forward and backward); Switch Transformer
 arXiv:2101.03961 (§2.2 balancing loss, capacity); ST-MoE arXiv:2202.08906 (§3.1 router z-loss);
 Shazeer et al. arXiv:1701.06538 (noisy top-k gating); DeepSeekMoE arXiv:2401.06066 (shared experts).
 Tests compare the parallel scan with the sequential loop (values, gradients), step() with forward(),
@@ -111,7 +113,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     keep_freed_memory: bool = True  # glibc: reuse freed tensor memory instead of page-faulting it back in
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; float16 uses a GradScaler)
-    compile: bool = False  # torch.compile the model (bench: also time the compiled parallel scan)
+    compile: bool = False  # torch.compile the model (the scan stays eager: Dynamo stops at its strided out= writes)
     seed: int = 1337  # base seed; rank r uses seed + r
 
 
@@ -120,8 +122,8 @@ PRESETS = {
                  copy_len=16, copy_tokens=4, copy_vocab=4, bench_lengths="32,64", max_iters=20,
                  lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5),
     "cpu": dict(),  # the default: a laptop CPU, minutes
-    # gpu: the scan materializes (b, l, d_inner, n) tensors (~12 kept per layer for backward): at
-    # these sizes ~0.3 GB each, ~30 GB in all. The paper's fused kernel is what removes this limit.
+    # gpu: the scan materializes (b, l, d_inner, n) tensors and keeps two per layer for backward (Ā
+    # and h): ~0.3 GB each at these sizes, ~5 GB in all. The paper's fused kernel recomputes them instead.
     "gpu": dict(n_layer=4, n_embd=256, n_head=8, dropout=0.1, batch_size=32, block_size=256,
                 copy_len=256, copy_tokens=16, copy_vocab=16, bench_lengths="1024,4096,16384",
                 d_state=16, max_iters=5000, lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4,
@@ -413,13 +415,16 @@ def selective_scan_sequential(u, delta, A, B, C, D):
     return torch.stack(ys, dim=1) + u * D  # (b, l, d)
 
 
-def _scan_pairs(a, x):
-    """Inclusive scan of h_t = a_t h_{t-1} + x_t along dim 1, h_{-1} = 0. a, x (b, l, ...).
-    Blelloch's work-efficient scan, written recursively: the up-sweep combines neighbours
-    (a_{2i}, x_{2i}) then (a_{2i+1}, x_{2i+1}) into one affine map (a' = a_{2i+1} a_{2i},
-    x' = a_{2i+1} x_{2i} + x_{2i+1}), the recursion scans that half-length sequence, which gives h at
-    every odd position, and the down-sweep fills the even ones: h_{2i} = a_{2i} h_{2i-1} + x_{2i}.
-    O(l) work, 2 log2(l) sequential steps of elementwise tensor ops, all differentiable by autograd.
+def _scan(a, x, out, reverse=False):
+    """Writes into `out` the inclusive scan h_t = a_t h_{t-1} + x_t along dim 1, h_{-1} = 0, and
+    returns it; reverse=True scans backwards in time: h_t = a_t h_{t+1} + x_t, h_l = 0. a, x, out
+    (b, l, ...); `out` may be `x` itself (the scan then runs in place). No autograd: `SelectiveScan`
+    supplies the gradients.
+    Blelloch's work-efficient scan, written recursively. Pair each step with the next one in scan
+    order, (0, 1), (2, 3), ... (reverse: (l-1, l-2), (l-3, l-4), ...). Two affine maps compose into
+    one, a2 (a1 h + x1) + x2 = (a2 a1) h + (a2 x1 + x2), so scanning the l // 2 composed maps (the
+    recursion) gives h at every pair's second step; then each remaining step is one step from its
+    neighbour, known by now. O(l) work in 2 log2(l) sequential rounds of elementwise tensor ops.
     Numerically safe for any length: the only operations are products of factors a in (0, 1] and
     sums, never a division or exp of a positive number, so nothing overflows, and a product that
     underflows to 0 is the correct limit (that part of the past is forgotten). Contrast the
@@ -427,31 +432,77 @@ def _scan_pairs(a, x):
     steps of decay."""
     l = a.shape[1]
     if l == 1:
-        return x
-    odd = l % 2
-    if odd:  # pad with the identity map (a=1, x=0) so the sequence splits into pairs
-        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-    a_even, a_odd = a.unflatten(1, (-1, 2)).unbind(2)  # (b, l/2, ...) each: positions 0,2,.. and 1,3,..
-    x_even, x_odd = x.unflatten(1, (-1, 2)).unbind(2)
-    h_odd = _scan_pairs(a_odd * a_even, a_odd * x_even + x_odd)  # h at positions 1, 3, 5, ...
-    h_prev = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)  # h at -1, 1, 3, ...
-    h_even = a_even * h_prev + x_even  # h at positions 0, 2, 4, ...
-    h = torch.stack([h_even, h_odd], dim=2).flatten(1, 2)  # interleave -> (b, l, ...)
-    # Slice only if we padded: even a slice that keeps everything costs its backward a zero-filled
-    # full-size gradient and a copy, at every level of the recursion.
-    return h[:, :l] if odd else h
+        return out.copy_(x)
+    m, odd = l // 2, l % 2
+    if not reverse:
+        first, second = slice(0, 2 * m, 2), slice(1, 2 * m, 2)  # pairs (0, 1), (2, 3), ...
+    else:
+        first, second = slice(odd + 1, l, 2), slice(odd, l, 2)  # pairs (l-1, l-2), (l-3, l-4), ...
+    a2 = a[:, second]
+    _scan(a2 * a[:, first], torch.addcmul(x[:, second], a2, x[:, first]), out[:, second], reverse)
+    # The rest: every first step of a pair, and the unpaired step when l is odd; the scan's first
+    # step has no neighbour (h = x there).
+    # (out= writes straight into the strided view of `out`: no temporary, no copy.)
+    if not reverse:  # positions 0, 2, 4, ... from their left neighbours 1, 3, ...
+        out[:, 0] = x[:, 0]
+        torch.addcmul(x[:, 2::2], a[:, 2::2], out[:, 1:l - 1:2], out=out[:, 2::2])
+    else:  # positions l-1, l-3, ... from their right neighbours l-2, l-4, ...
+        rest, right = slice(1 - odd, l - 1, 2), slice(2 - odd, l, 2)
+        out[:, l - 1] = x[:, l - 1]
+        torch.addcmul(x[:, rest], a[:, rest], out[:, right], out=out[:, rest])
+    return out
+
+
+class SelectiveScan(torch.autograd.Function):
+    """y_t = C_t h_t with h_t = Ā_t h_{t-1} + x_t, Ā_t = exp(Δ_t A), x_t = Δ_t u_t B_t (the SSM of
+    `selective_scan_sequential` without the D term), forward and backward both by `_scan`.
+    Why a hand-written backward: autograd would record the scan's 2 log2(l) rounds op by op, keep
+    their (b, l, d, n) intermediates and turn every even/odd split into a copy in the backward. But
+    the adjoint of a linear recurrence is the same recurrence run backwards in time (Martin & Cundy
+    2018 train linear RNNs this way), so one reverse scan gives every gradient, and only Ā and h
+    are kept. With g_t = ∂L/∂y_t (b, l, d) and
+    λ_t = ∂L/∂h_t through every path (h_t reaches the loss through y_t and through h_{t+1}):
+        λ_t = C_t g_t + Ā_{t+1} λ_{t+1}     (λ_{l-1} = C_{l-1} g_{l-1})
+        ∂L/∂x_t = λ_t,   ∂L/∂Ā_t = λ_t h_{t-1},   ∂L/∂(Δ_t A) = λ_t h_{t-1} Ā_t   (exp' = exp)
+    then the chain rule through the broadcasts: sums over n give Δ's and u's gradients, over d
+    B's and C's, over b and t A's. Checked against autograd through the loop and by gradcheck."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        dA = torch.exp(delta.unsqueeze(-1) * A)  # Ā (b, l, d, n); ΔA <= 0 so Ā in (0, 1]
+        h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # x = B̄u (b, l, d, n): one big product, not two
+        _scan(dA, h, out=h)  # in place: x becomes h
+        ctx.save_for_backward(u, delta, A, B, C, dA, h)
+        return (h * C.unsqueeze(2)).sum(-1)  # (b, l, d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        u, delta, A, B, C, dA, h = ctx.saved_tensors
+        lam = g.unsqueeze(-1) * C.unsqueeze(2)  # the direct part C_t g_t; the scan adds the rest
+        if lam.shape[1] > 1:
+            # Fold Ā_{l-1} λ_{l-1} into step l-2; the first l-1 steps are then a reverse scan whose
+            # coefficient at step t is Ā_{t+1}: Ā shifted by one step, a view, no copy.
+            lam[:, -2].addcmul_(dA[:, -1], lam[:, -1])
+            _scan(dA[:, 1:], lam[:, :-1], out=lam[:, :-1], reverse=True)
+        g_du = (lam * B.unsqueeze(2)).sum(-1)  # ∂L/∂(Δu) (b, l, d)
+        g_B = (lam * (delta * u).unsqueeze(-1)).sum(2)  # (b, l, n)
+        g_C = (h * g.unsqueeze(-1)).sum(2)  # (b, l, n)
+        lam[:, 1:].mul_(h[:, :-1])  # λ_t h_{t-1}, in place (h_{-1} = 0) ...
+        lam[:, 0] = 0
+        g_z = lam.mul_(dA)  # ... times Ā_t: ∂L/∂(ΔA) (b, l, d, n)
+        g_delta = (g_z * A).sum(-1) + g_du * u
+        g_A = (g_z * delta.unsqueeze(-1)).sum((0, 1))  # (d, n)
+        return g_du * delta, g_delta, g_A, g_B, g_C
 
 
 def selective_scan_parallel(u, delta, A, B, C, D):
     """Same signature and result as `selective_scan_sequential`, computed with the log-depth scan
-    `_scan_pairs` over the (Ā, B̄u) pairs (Mamba §3.3.2: the recurrence is an associative operator).
-    Materializes (b, l, d, n) tensors as mamba-minimal does; the paper's CUDA kernel keeps them in
-    SRAM instead (§3.3.2, kernel fusion), which is what makes it fast on GPU at scale."""
-    dA = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n); ΔA <= 0 so Ā in (0, 1]
-    dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # (b, l, d, n); one big product, not two
-    h = _scan_pairs(dA, dBu)  # (b, l, d, n)
-    return (h * C.unsqueeze(2)).sum(-1) + u * D  # (b, l, d)
+    `_scan` over the (Ā, B̄u) pairs (Mamba §3.3.2: the recurrence is an associative operator), in both
+    directions: forward for h, backward for the gradients (`SelectiveScan`). Materializes
+    (b, l, d, n) tensors as mamba-minimal does; the paper's CUDA kernel keeps them in SRAM instead
+    (§3.3.2, kernel fusion), which is what makes it fast on GPU at scale."""
+    return SelectiveScan.apply(u, delta, A, B, C) + u * D  # (b, l, d)
 
 
 class RMSNorm(nn.Module):
@@ -953,11 +1004,7 @@ def time_call(fn, device="cpu", repeat=5):
 
 def bench(cfg):
     """Sequential loop vs parallel scan (forward, forward+backward, max difference) as l grows; then
-    the memory of Mamba's recurrent state vs a Transformer's KV cache as generation proceeds.
-    With --compile, also the parallel scan compiled by torch.compile: Inductor fuses its elementwise
-    operations into a few loops that keep values in registers and cache instead of writing every
-    intermediate (b, l, d, n) tensor to memory -- on a CPU, the same idea as the paper's fused kernel
-    (§3.3.2). The loop is not compiled: a 1024-step graph is the very thing the scan avoids."""
+    the memory of Mamba's recurrent state vs a Transformer's KV cache as generation proceeds."""
     device, _, _ = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     b, d, n = 1, cfg.expand * cfg.n_embd, cfg.d_state
@@ -974,26 +1021,15 @@ def bench(cfg):
         D = torch.randn(d, device=device, requires_grad=True)
         args = (u, delta, A, B, C, D)
         row = {"l": l}
-        kinds = [("seq", selective_scan_sequential), ("par", selective_scan_parallel)]
-        if cfg.compile:
-            kinds.append(("compiled", torch.compile(selective_scan_parallel, dynamic=False)))
-        for kind, scan in kinds:
+        for kind, scan in [("seq", selective_scan_sequential), ("par", selective_scan_parallel)]:
             with torch.no_grad():
                 row[f"{kind}_fwd_ms"] = 1000 * time_call(lambda: scan(*args), device)
             row[f"{kind}_fwdbwd_ms"] = 1000 * time_call(lambda: scan(*args).sum().backward(), device)
         with torch.no_grad():
-            y_seq = selective_scan_sequential(*args)
-            for kind, scan in kinds[1:]:  # "par" -> max_abs_diff, "compiled" -> compiled_max_abs_diff
-                key = "max_abs_diff" if kind == "par" else f"{kind}_max_abs_diff"
-                row[key] = (scan(*args) - y_seq).abs().max().item()
+            row["max_abs_diff"] = (selective_scan_parallel(*args) - selective_scan_sequential(*args)).abs().max().item()
         row["speedup_fwdbwd"] = row["seq_fwdbwd_ms"] / row["par_fwdbwd_ms"]
         print(f"{l:>6} {row['seq_fwd_ms']:>11.1f} {row['par_fwd_ms']:>11.1f} {row['seq_fwdbwd_ms']:>11.1f} "
               f"{row['par_fwdbwd_ms']:>11.1f} {row['speedup_fwdbwd']:>12.1f}x {row['max_abs_diff']:>11.2e}")
-        if cfg.compile:
-            row["speedup_compiled_fwdbwd"] = row["seq_fwdbwd_ms"] / row["compiled_fwdbwd_ms"]
-            print(f"{'':>6} compiled parallel scan: fwd {row['compiled_fwd_ms']:.1f} ms, f+b "
-                  f"{row['compiled_fwdbwd_ms']:.1f} ms, {row['speedup_compiled_fwdbwd']:.1f}x the loop, "
-                  f"max |diff| {row['compiled_max_abs_diff']:.2e}")
         log_jsonl(cfg, {"bench": "scan", **row})
         rows.append(row)
     # Generation memory: Mamba's state is measured from the tensors step() carries; a Transformer of
