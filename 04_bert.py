@@ -975,13 +975,14 @@ def pretrain_loss(model, batch, tok, cfg, gen):
     mlm_logits, nsp_logits, _ = model(inputs, seg, attn_mask, mlm_mask=chosen)  # (N, V), (B, 2)
     mlm_loss = F.cross_entropy(mlm_logits.float(), labels[chosen])
     mlm_acc = (mlm_logits.argmax(-1) == labels[chosen]).float().mean()
-    stats = {"mlm_loss": mlm_loss.item(), "mlm_acc": mlm_acc.item()}
+    # The counts let `evaluate` average each statistic over what it counts (see COUNT_OF).
+    stats = {"mlm_loss": mlm_loss.item(), "mlm_acc": mlm_acc.item(), "mlm_tokens": int(chosen.sum())}
     has_nsp = nsp_labels != -100  # one-sentence examples carry no NSP label
     if not has_nsp.any():  # 0 * logits keeps the NSP head in the graph (DDP expects every gradient)
         return mlm_loss + 0.0 * nsp_logits.sum(), stats
     nsp_loss = F.cross_entropy(nsp_logits.float()[has_nsp], nsp_labels[has_nsp])
     nsp_acc = (nsp_logits.argmax(-1) == nsp_labels)[has_nsp].float().mean()
-    stats.update(nsp_loss=nsp_loss.item(), nsp_acc=nsp_acc.item())
+    stats.update(nsp_loss=nsp_loss.item(), nsp_acc=nsp_acc.item(), nsp_pairs=int(has_nsp.sum()))
     return mlm_loss + nsp_loss, stats
 
 
@@ -1206,7 +1207,8 @@ def train(cfg) -> dict:
         step += 1
         if master and step % cfg.log_interval == 0:
             dt = (time.time() - t0) / cfg.log_interval
-            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in train_stats.items()) +
+            shown = {k: v for k, v in train_stats.items() if k not in COUNTS}
+            print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) +
                   f", lr {lr:.2e}, {tokens * world_size / (time.time() - t0):.0f} tok/s, {1000 * dt:.0f} ms/step, "
                   f"peak mem {peak_memory_mb(device):.0f} MB")
             t0, tokens = time.time(), 0
@@ -1226,18 +1228,34 @@ def train(cfg) -> dict:
 
 
 # --- Evaluation / inference -----------------------------------------------------------------------
+# Each pretraining statistic is a mean over something other than sentences: MLM over the masked
+# tokens (a batch of long sentences holds many more), NSP over the sentence pairs (one-sentence
+# examples have no NSP label). Everything else is a mean over the batch's examples.
+COUNT_OF = {"mlm_loss": "mlm_tokens", "mlm_acc": "mlm_tokens", "nsp_loss": "nsp_pairs", "nsp_acc": "nsp_pairs"}
+COUNTS = set(COUNT_OF.values())
+
+
 @torch.no_grad()
 def evaluate(model, eval_batches, run_loss, cfg):
-    """Losses and accuracies over the validation batches, weighted by batch size (so dev accuracy is
-    exactly correct / total); pretraining uses fixed masks, comparable from one evaluation to the next."""
+    """Losses and accuracies over the validation batches, each batch's mean weighted by what it counts
+    (COUNT_OF), so every statistic is exact over the whole set: dev accuracy is correct / total, MLM
+    accuracy correct / masked tokens. Pretraining's val_loss is then MLM loss + NSP loss, the training
+    objective. Pretraining uses fixed masks, comparable from one evaluation to the next."""
     model.eval()
-    totals, n = Counter(), Counter()  # n per statistic: a batch of one-sentence examples has no NSP
+    totals, n = Counter(), Counter()
     for i, batch in enumerate(eval_batches):
         loss, stats = run_loss(model, batch, -1 - i, 0)
-        stats = {**stats, "val_loss": loss.item()}
-        totals.update({k: v * len(batch) for k, v in stats.items()})
-        n.update({k: len(batch) for k in stats})
-    return {k: v / n[k] for k, v in totals.items()}
+        if cfg.mode != "pretrain":
+            stats = {**stats, "val_loss": loss.item()}
+        for k, v in stats.items():
+            w = stats[COUNT_OF[k]] if k in COUNT_OF else len(batch)
+            if k not in COUNTS and w > 0:  # a batch with nothing to count adds nothing
+                totals[k] += v * w
+                n[k] += w
+    metrics = {k: v / n[k] for k, v in totals.items()}
+    if cfg.mode == "pretrain":
+        metrics["val_loss"] = metrics["mlm_loss"] + metrics.get("nsp_loss", 0.0)
+    return metrics
 
 
 def limit_cpu_fragmentation():

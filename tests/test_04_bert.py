@@ -148,6 +148,22 @@ def test_one_sentence_documents_are_mlm_only(m):
     assert 0 <= stats["nsp_acc"] <= 1 and math.isfinite(stats["nsp_loss"])
 
 
+def test_evaluate_weights_each_statistic_by_what_it_counts(m):
+    """MLM statistics are means over masked tokens, NSP over sentence pairs, the rest over examples."""
+    per_batch = [  # (loss, stats) of two pretraining batches of 2 sentences each
+        (None, {"mlm_loss": 1.0, "mlm_acc": 1.0, "mlm_tokens": 10, "nsp_loss": 0.5, "nsp_acc": 0.0, "nsp_pairs": 1}),
+        (None, {"mlm_loss": 3.0, "mlm_acc": 0.0, "mlm_tokens": 30}),  # one-sentence examples: no NSP
+    ]
+    metrics = m.evaluate(torch.nn.Linear(1, 1), [[0, 0], [0, 0]], lambda _m, _b, i, _: per_batch[-1 - i],
+                         m.Config(mode="pretrain"))
+    assert metrics == pytest.approx({"mlm_loss": 2.5, "mlm_acc": 0.25, "nsp_loss": 0.5, "nsp_acc": 0.0,
+                                     "val_loss": 3.0})  # 3.0 = MLM loss + NSP loss
+    per_batch = [(torch.tensor(0.2), {"acc": 1.0}), (torch.tensor(0.8), {"acc": 0.5})]  # 1 and 3 examples
+    metrics = m.evaluate(torch.nn.Linear(1, 1), [[0], [0, 0, 0]], lambda _m, _b, i, _: per_batch[-1 - i],
+                         m.Config(mode="finetune"))
+    assert metrics == pytest.approx({"acc": 2.5 / 4, "val_loss": 2.6 / 4})
+
+
 def test_corpus_sst2_and_joined_sources(m, tmp_path):
     """--corpus sst2 reads the training sentences only (never dev); `a+b` concatenates sources."""
     write_sst2(tmp_path / "sst2", n_train=100, n_dev=10)
