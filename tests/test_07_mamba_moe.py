@@ -368,12 +368,17 @@ def test_bench_mode(m, tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_mamba_trains(m, tmp_path):
-    """--compile: Dynamo stops at the scan's autograd.Function, which runs eagerly; training works."""
-    m.main(["--preset", "tiny", "--models=mamba", "--compile=true", "--max_iters=4", "--eval_interval=4",
-            "--lr_decay_iters=4", f"--out_dir={tmp_path}"])
-    final = [r for r in read_log(tmp_path) if r.get("model") == "mamba" and "val_loss" in r][-1]
-    assert final["step"] == 4 and math.isfinite(final["val_loss"])
+def test_compiled_mamba_trains_like_eager(m, tmp_path):
+    """--compile: Dynamo stops at the scan's autograd.Function, which runs eagerly; the compiled rest
+    of the model trains to the same losses (up to the fused kernels' rounding)."""
+    finals = []
+    for compile_ in ("true", "false"):
+        out = tmp_path / compile_
+        m.main(["--preset", "tiny", "--models=mamba", f"--compile={compile_}", "--max_iters=4", "--eval_interval=4",
+                "--lr_decay_iters=4", f"--out_dir={out}"])
+        finals.append([r for r in read_log(out) if r.get("model") == "mamba" and "val_loss" in r][-1])
+    assert finals[0]["step"] == finals[1]["step"] == 4
+    assert finals[0]["val_loss"] == pytest.approx(finals[1]["val_loss"], rel=1e-4)
 
 
 @pytest.mark.data
