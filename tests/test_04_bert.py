@@ -150,11 +150,12 @@ def test_one_sentence_documents_are_mlm_only(m):
 
 def test_evaluate_weights_each_statistic_by_what_it_counts(m):
     """MLM statistics are means over masked tokens, NSP over sentence pairs, the rest over examples."""
-    per_batch = [  # (loss, stats) of two pretraining batches of 2 sentences each
+    per_batch = [  # (loss, stats) of pretraining batches
         (None, {"mlm_loss": 1.0, "mlm_acc": 1.0, "mlm_tokens": 10, "nsp_loss": 0.5, "nsp_acc": 0.0, "nsp_pairs": 1}),
         (None, {"mlm_loss": 3.0, "mlm_acc": 0.0, "mlm_tokens": 30}),  # one-sentence examples: no NSP
+        (None, {"mlm_loss": math.nan, "mlm_acc": math.nan, "mlm_tokens": 0}),  # nothing masked: adds nothing
     ]
-    metrics = m.evaluate(torch.nn.Linear(1, 1), [[0, 0], [0, 0]], lambda _m, _b, i, _: per_batch[-1 - i],
+    metrics = m.evaluate(torch.nn.Linear(1, 1), [[0, 0], [0, 0], [0]], lambda _m, _b, i, _: per_batch[-1 - i],
                          m.Config(mode="pretrain"))
     assert metrics == pytest.approx({"mlm_loss": 2.5, "mlm_acc": 0.25, "nsp_loss": 0.5, "nsp_acc": 0.0,
                                      "val_loss": 3.0})  # 3.0 = MLM loss + NSP loss
