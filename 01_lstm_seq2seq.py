@@ -44,12 +44,12 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 import zipfile
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -57,11 +57,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+
+# --- Config ---------------------------------------------------------------------------------------
 SCRIPT_NAME = "01_lstm_seq2seq"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
 
 
-# --- Config ---------------------------------------------------------------------------------------
-@dataclass
+@dataclasses.dataclass
 class Config:
     # I/O
     out_dir: str = f"out/{SCRIPT_NAME}"  # checkpoints, log.jsonl, attention.png
@@ -110,355 +111,42 @@ class Config:
 PRESETS = {
     "tiny": dict(n_embd=32, n_hidden=32, batch_size=16, max_iters=20, lr_decay_iters=20, warmup_iters=2,
                  eval_interval=10, eval_iters=2, log_interval=5, min_freq=1, beam_size=2),  # tests
-    "cpu": dict(prefix_filter=True, max_iters=600, lr_decay_iters=600, eval_interval=200),  # the default: a laptop CPU, minutes
+    "cpu": dict(prefix_filter=True, max_iters=600, lr_decay_iters=600, eval_interval=200),  # the default (a laptop)
     "gpu": dict(n_embd=512, n_hidden=512, n_layer=2, batch_size=128, max_iters=20000,
                 lr_decay_iters=20000, learning_rate=1e-3, dropout=0.3, max_len=50, eval_interval=1000),
 }
 DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("dataset", "reverse", "cell", "attn", "n_embd", "n_hidden", "n_layer", "bidirectional")
-MODES = ("train", "translate", "attention", "bleu", "bench")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, wrong checkpoint): main() prints the
-    message and exits with status 1 instead of showing a traceback."""
-
-
-def _field_help():
-    """Each Config field's trailing `# comment`, read from this file's source, for --help."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def _parse_value(name, kind, text):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError
-    return kind(text)
-
-
-def usage():
-    helps = _field_help()
-    lines = [f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(PRESETS)}] [--field=value ...]",
-             f"  --preset NAME  overrides applied before the flags (default: {DEFAULT_PRESET})"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s}".ljust(36) + helps.get(f.name, ""))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None) -> Config:
-    """`--preset NAME`, then `--field=value` or `--field value` for every Config field.
-    An unknown flag or a badly typed value exits with status 2 and names the flag."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-
-    def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
-        sys.exit(2)
-
-    preset, overrides, i = DEFAULT_PRESET, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            fail(f"unexpected argument {arg!r}")
-        name, eq, value = arg[2:].partition("=")
-        if name != "preset" and name not in kinds:
-            fail(f"unknown flag --{name}")
-        if not eq:  # `--name value`, or a bare boolean flag meaning true
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if kinds.get(name) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                fail(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if name == "preset":
-            if value not in PRESETS:
-                fail(f"unknown preset {value!r} for --preset (choose from {', '.join(PRESETS)})")
-            preset = value
-            continue
-        try:
-            overrides[name] = _parse_value(name, kinds[name], value)
-        except ValueError:
-            fail(f"--{name} expects {kinds[name].__name__}, got {value!r}")
-    return Config(**{**PRESETS[preset], **overrides})
+RULES = {  # checked by parse_args: a tuple lists the allowed values, a string bounds a number
+    "mode": ("train", "translate", "attention", "bleu", "bench"), "init_from": ("scratch", "resume"),
+    "dataset": ("eng-fra", "multi30k"), "cell": ("lstm", "gru", "lstm_manual"),
+    "attn": ("bahdanau", "luong_dot", "luong_general", "none"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "heldout_frac": "in [0, 1)", "dropout": "in [0, 1)", "teacher_forcing": ">= 0", "length_penalty": ">= 0",
+    **dict.fromkeys(("max_len", "min_freq", "n_embd", "n_hidden", "n_layer", "batch_size", "learning_rate",
+                     "eval_interval", "eval_iters", "log_interval", "beam_size"), "> 0"),
+    **dict.fromkeys(("max_iters", "min_lr", "warmup_iters", "lr_decay_iters", "grad_clip"), ">= 0"),
+}
 
 
 def check_config(cfg):
-    """Choices that parse_args cannot check by type alone."""
-    choices = dict(mode=MODES, dataset=("eng-fra", "multi30k"), cell=("lstm", "gru", "lstm_manual"),
-                   attn=("bahdanau", "luong_dot", "luong_general", "none"), init_from=("scratch", "resume"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    """The rules that tie flags together, or that RULES cannot say; a ValueError names the flag."""
+    if cfg.teacher_forcing > 1:
+        raise ValueError(f"--teacher_forcing is a probability: it must be in [0, 1], not {cfg.teacher_forcing}")
+    if cfg.heldout_frac >= 0.5:
+        raise ValueError(f"--heldout_frac counts twice (val, test): it must be below 0.5, not {cfg.heldout_frac}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr={cfg.min_lr} must not exceed --learning_rate={cfg.learning_rate}")
+    if cfg.reverse and cfg.dataset != "eng-fra":
+        raise ValueError("--reverse applies to --dataset=eng-fra only (multi30k is German->English)")
     if cfg.attn == "luong_dot" and cfg.bidirectional:
-        raise UserError("--attn=luong_dot scores s·m, so the encoder output (2H when bidirectional) must "
-                        "have the decoder's width H: add --bidirectional=false or use luong_general")
+        raise ValueError("--attn=luong_dot scores s·m, so the encoder output (2H when bidirectional) must have the "
+                         "decoder's width H: add --bidirectional=false or use luong_general")
     if cfg.mode in ("translate", "attention") and not cfg.text.strip():
-        raise UserError(f"--mode {cfg.mode} needs a sentence: --text \"...\"")
+        raise ValueError(f"--text is empty: --mode {cfg.mode} needs a sentence, --text \"...\"")
 
 
-def setup_ddp():
-    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size).
-    nccl on CUDA, gloo on CPU. Rank 0 alone logs, downloads and saves."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, autocast context, GradScaler or None).
-    Device: cuda > mps > cpu unless --device says otherwise. dtype `auto` picks bfloat16 where the
-    hardware runs it natively, else float16 with a GradScaler (which rescales the loss so small
-    float16 gradients do not underflow), else float32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    device_type = device.split(":")[0]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    return device, ctx, scaler
-
-
-# --- Data -----------------------------------------------------------------------------------------
-# Module-level so tests can point them at a local server (or a closed port, to check "offline").
-ENG_FRA_URL = "https://www.manythings.org/anki/fra-eng.zip"  # refuses requests' default User-Agent
-MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
-MULTI30K_SHA256 = {  # the gzipped files as committed (see the shared data MANIFEST)
-    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
-    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
-    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
-    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
-    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
-    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
-}
-BROWSER_HEADERS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"}
-PAD, SOS, EOS, UNK = 0, 1, 2, 3  # four distinct ids: the loss ignores PAD only
-SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]
-
-
-def download(url, path, sha256=None, headers=None):
-    """Fetch `url` to `path` unless it is already there: streamed to `path + ".part"` with a progress
-    line, checked against `sha256` when known, then renamed into place, so an interrupted or corrupt
-    download never leaves a file that looks complete."""
-    if os.path.exists(path):
-        return path
-    import requests  # only needed when something is actually downloaded
-
-    tmp = path + ".part"
-    hint = f"download it by hand from {url} and save it as {path}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with requests.get(url, stream=True, timeout=30, headers=headers) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            digest, done = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    pct = f" {100 * done / total:5.1f}%" if total else ""
-                    print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
-        print()
-    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"
-                        f"If this machine is offline, {hint} (or point --data_dir / LLM_DATA_DIR "
-                        f"at a folder that has it).") from None
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise UserError(f"{url} arrived corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                        f"run again, or {hint}")
-    os.replace(tmp, path)
-    return path
-
-
-def eng_fra_path(data_dir):
-    """<data_dir>/eng-fra/fra.txt, extracted from manythings' fra-eng.zip when it is not there yet.
-    No sha256: manythings republishes the zip as Tatoeba grows (the shared copy is the 2017 release)."""
-    path = os.path.join(data_dir, "eng-fra", "fra.txt")
-    if os.path.exists(path):
-        return path
-    zip_path = download(ENG_FRA_URL, os.path.join(data_dir, "eng-fra", "fra-eng.zip"), headers=BROWSER_HEADERS)
-    try:
-        with zipfile.ZipFile(zip_path) as z, z.open("fra.txt") as src, open(path + ".part", "wb") as dst:
-            dst.write(src.read())
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{zip_path} is not manythings' fra-eng.zip with a fra.txt inside ({e}); "
-                        f"delete it and run again") from None
-    os.replace(path + ".part", path)
-    return path
-
-
-# Text normalization. NFC makes "é" one code point however it was typed (NFD would give e + ◌́, a
-# second spelling of the same word in the vocabulary); typographic quotes and the narrow no-break
-# space French puts before "! ? : ;" become their ASCII forms. Accents are KEPT: dropping them (as the
-# PyTorch tutorial does) would make French output that no reference contains.
-_TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u00ab": '"',
-                             "\u00bb": '"', "\u202f": " ", "\u00a0": " ", "\u2009": " "})
-# Tokens: decimals (3.50), a word with its elision apostrophe (l' homme, j' ai, don' t), a word with
-# inner hyphens (t-shirt, est-ce), or one punctuation mark.
-_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)+|\w+'|\w+(?:-\w+)*|[^\w\s]")
-_NO_SPACE_BEFORE = set(".,!?;:%)]}")
-_NO_SPACE_AFTER = set("([{")
-
-
-def tokenize(text, lowercase):
-    """Unicode-normalize, optionally lower-case, split punctuation off: 'Va !' -> ['va', '!']."""
-    text = unicodedata.normalize("NFC", text).translate(_TYPOGRAPHY)
-    return _TOKEN_RE.findall(text.lower() if lowercase else text)
-
-
-def detokenize(tokens):
-    """Join tokens back into text for BLEU: no space before . , ! ? etc., none after an elision
-    apostrophe (l' + homme -> l'homme). BLEU's 13a tokenizer splits most punctuation again, so what
-    matters is what 13a does NOT split: apostrophes and hyphens stay inside words, and we rejoin them.
-    The cost, measured as the BLEU of detokenize(tokenize(reference)) against the raw Multi30k test
-    references (`roundtrip_bleu`, the ceiling of a perfect model): 100.0, because the only changes,
-    spaces inside quotes and in "E.S.E.", are re-split by 13a anyway. Lost in general: a possessive
-    "dogs' toys" comes back as "dogs'toys", and curly quotes come back straight."""
-    out = ""
-    for tok in tokens:
-        after_elision = out.endswith("'") and len(out) > 1 and out[-2].isalnum()
-        glue = not out or tok[0] in _NO_SPACE_BEFORE or out[-1] in _NO_SPACE_AFTER or after_elision
-        out += tok if glue else " " + tok
-    return out
-
-
-ENG_PREFIXES = ("i am ", "i'm ", "he is ", "he's ", "she is ", "she's ", "you are ", "you're ",
-                "we are ", "we're ", "they are ", "they're ")  # the PyTorch tutorial's subset
-
-
-def read_eng_fra(path):
-    """-> [(english, french)] raw strings; a line without a TAB is an error naming file and line."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            cols = line.split("\t")  # a third column (attribution) exists in newer releases
-            if len(cols) < 2 or not cols[0].strip() or not cols[1].strip():
-                raise UserError(f"{path}, line {lineno}: expected 'English<TAB>French', got {line[:80]!r}")
-            pairs.append((cols[0], cols[1]))
-    return pairs
-
-
-def load_eng_fra(cfg):
-    """Tatoeba English-French, lower-cased, filtered, split into train/val/test BY SOURCE SENTENCE:
-    Tatoeba often lists one English sentence with several French translations, and a split by pair
-    would put the same source in train and test. -> {split: [(src_tokens, tgt_tokens, reference)]}.
-    The reference is the lower-cased, quote-normalized target (detokenized): eng-fra BLEU is therefore
-    case-insensitive (like sacrebleu -lc), unlike Multi30k's, which is cased against the raw text."""
-    examples = []
-    for en, fr in read_eng_fra(eng_fra_path(cfg.data_dir)):
-        en_tok, fr_tok = tokenize(en, True), tokenize(fr, True)
-        if not (0 < len(en_tok) <= cfg.max_len and 0 < len(fr_tok) <= cfg.max_len):
-            continue
-        if cfg.prefix_filter and not (detokenize(en_tok) + " ").startswith(ENG_PREFIXES):
-            continue
-        src, tgt = (fr_tok, en_tok) if cfg.reverse else (en_tok, fr_tok)
-        examples.append((src, tgt, detokenize(tgt)))
-    sources = sorted({" ".join(src) for src, _, _ in examples})
-    random.Random(cfg.seed).shuffle(sources)  # a split fixed by the seed, not by the rank
-    n = max(1, int(cfg.heldout_frac * len(sources)))
-    split_of = {s: "test" for s in sources[:n]} | {s: "val" for s in sources[n:2 * n]}
-    splits = {"train": [], "val": [], "test": []}
-    for ex in examples:
-        splits[split_of.get(" ".join(ex[0]), "train")].append(ex)
-    return splits
-
-
-def load_multi30k(cfg):
-    """Multi30k task 1, German->English, the official train/val/test2016 splits. Cased: the reference
-    is the raw English line, so BLEU is exactly 02_transformer_mt.py's metric. Nothing is filtered:
-    the longest sentences have about 40 words, which an attention model handles."""
-    splits = {}
-    for split, stem in (("train", "train"), ("val", "val"), ("test", "test_2016_flickr")):
-        sides = []
-        for lang in ("de", "en"):
-            name = f"{stem}.{lang}.gz"
-            path = download(MULTI30K_URL + name, os.path.join(cfg.data_dir, "multi30k", name), MULTI30K_SHA256[name])
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                sides.append(f.read().rstrip("\n").split("\n"))
-        if len(sides[0]) != len(sides[1]):
-            raise UserError(f"multi30k/{stem}.de.gz has {len(sides[0])} lines but {stem}.en.gz has {len(sides[1])}")
-        splits[split] = []
-        for de, en in zip(*sides):
-            src, tgt = tokenize(de, False), tokenize(en, False)
-            if not (src and tgt):
-                raise UserError(f"multi30k/{stem}: a pair with an empty side ({de!r} / {en!r})")
-            splits[split].append((src, tgt, en.strip()))
-    return splits
-
-
-def build_vocab(sentences, min_freq):
-    """-> itos list: the four specials, then words seen >= min_freq times, most frequent first."""
-    counts = Counter(w for s in sentences for w in s)
-    words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-    return SPECIALS + words
-
-
-def prepare(cfg, vocab=None):
-    """-> ({split: [(src_ids, tgt_ids, src_words, tgt_words, reference)]}, {"src": itos, "tgt": itos}).
-    Vocabularies come from the training split only (or from a checkpoint)."""
-    splits = load_multi30k(cfg) if cfg.dataset == "multi30k" else load_eng_fra(cfg)
-    if not splits["train"] or not splits["test"]:
-        raise UserError(f"{cfg.dataset}: no training or test pairs left after --max_len={cfg.max_len}"
-                        f"{' and --prefix_filter' if cfg.prefix_filter else ''}")
-    if vocab is None:
-        vocab = {"src": build_vocab((ex[0] for ex in splits["train"]), cfg.min_freq),
-                 "tgt": build_vocab((ex[1] for ex in splits["train"]), cfg.min_freq)}
-    s2i = {w: i for i, w in enumerate(vocab["src"])}
-    t2i = {w: i for i, w in enumerate(vocab["tgt"])}
-    data = {k: [([s2i.get(w, UNK) for w in src], [t2i.get(w, UNK) for w in tgt], src, tgt, ref)
-                for src, tgt, ref in v] for k, v in splits.items()}
-    return data, vocab
-
-
-def make_batch(examples, device):
-    """Pad a list of (src_ids, tgt_ids, ...) -> src (B, S), src_len (B,), tgt_in (B, T), tgt_out (B, T).
-    tgt_in = <sos> y_1 .. y_n, tgt_out = y_1 .. y_n <eos>: the decoder predicts the next word."""
-    B = len(examples)
-    S = max(len(ex[0]) for ex in examples)
-    T = max(len(ex[1]) for ex in examples) + 1
-    src = torch.full((B, S), PAD, dtype=torch.long)
-    tgt_in = torch.full((B, T), PAD, dtype=torch.long)
-    tgt_out = torch.full((B, T), PAD, dtype=torch.long)
-    for b, (s, t, *_) in enumerate(examples):
-        src[b, :len(s)] = torch.tensor(s)
-        tgt_in[b, :len(t) + 1] = torch.tensor([SOS] + t)
-        tgt_out[b, :len(t) + 1] = torch.tensor(t + [EOS])
-    src_len = torch.tensor([max(len(ex[0]), 1) for ex in examples])
-    return src.to(device), src_len.to(device), tgt_in.to(device), tgt_out.to(device)
-
-
-# --- Model ----------------------------------------------------------------------------------------
+# --- Milestone: the LSTM, from its gate equations to a hand-derived backward ----------------------
 class LSTMCell(nn.Module):
     """One LSTM step from the gate equations (Hochreiter & Schmidhuber 1997, with the forget gate of
     Gers et al. 2000), parameters laid out exactly as nn.LSTMCell so weights can be copied:
@@ -470,7 +158,6 @@ class LSTMCell(nn.Module):
 
     def __init__(self, input_size, hidden_size):
         super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size))
@@ -582,7 +269,7 @@ class LSTMFunction(torch.autograd.Function):
             dc = dcs[t] + dc_next + dh * o * (1 - tanh_c * tanh_c)
             di, dg, df = dc * g, dc * i, dc * c_prev  # 3.
             dc_next = dc * f
-            da = torch.cat([di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], dim=1)  # 4. (B, 4H)
+            da = torch.cat([di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], 1)  # 4. (B, 4H)
             dh_next = da @ weight_hh  # 5. (B, H)
             da_all[t] = da
         h_prev = torch.cat([h0[None], hs[:-1]])  # (T, B, H): h_{t-1} for each t
@@ -639,6 +326,10 @@ class ManualLSTM(nn.Module):
         return x, (torch.stack(h_n), torch.stack(c_n))
 
 
+# --- Milestone: the encoder-decoder with attention, greedy and beam search ------------------------
+PAD, SOS, EOS, UNK = 0, 1, 2, 3  # four distinct ids: the loss ignores PAD only
+
+
 class Attention(nn.Module):
     """Scores between a decoder query s (B, Hq) and the encoder memory m (B, S, M), softmaxed over the
     real source words only (padding gets -inf, hence weight exactly 0):
@@ -660,7 +351,8 @@ class Attention(nn.Module):
             raise ValueError(f"attention {kind!r} with query {query_dim} and memory {mem_dim}")
 
     def keys(self, memory):  # (B, S, M) -> (B, S, Hq): the query-independent part, once per sentence
-        return self.W_k(memory) if self.kind == "bahdanau" else self.W(memory) if self.kind == "luong_general" else memory
+        return (self.W_k(memory) if self.kind == "bahdanau" else
+                self.W(memory) if self.kind == "luong_general" else memory)
 
     def forward(self, query, keys, memory, mask):  # (B, Hq), (B, S, Hq), (B, S, M), (B, S) bool
         if self.kind == "bahdanau":
@@ -683,9 +375,10 @@ class Seq2Seq(nn.Module):
     def __init__(self, src_vocab, tgt_vocab, n_embd=256, n_hidden=256, n_layer=1, cell="lstm",
                  attn="bahdanau", bidirectional=True, dropout=0.1):
         super().__init__()
+        if cell not in ("lstm", "gru", "lstm_manual"):
+            raise ValueError(f"cell must be lstm, gru or lstm_manual, not {cell!r}")
         self.cell, self.attn_kind, self.n_layer, self.n_hidden = cell, attn, n_layer, n_hidden
-        D = 2 if bidirectional else 1
-        self.D = D
+        self.D = D = 2 if bidirectional else 1
         self.src_embed = nn.Embedding(src_vocab, n_embd, padding_idx=PAD)
         self.tgt_embed = nn.Embedding(tgt_vocab, n_embd, padding_idx=PAD)
         self.drop = nn.Dropout(dropout)
@@ -703,7 +396,7 @@ class Seq2Seq(nn.Module):
         self.combine = nn.Linear(n_hidden + (0 if attn == "none" else D * n_hidden), n_hidden)
         self.out = nn.Linear(n_hidden, tgt_vocab)
 
-    def encode(self, src, src_len):  # (B, S), (B,) -> memory (B, S, D*H), mask (B, S), state
+    def encode(self, src, src_len):  # (B, S), (B,) -> memory (B, S, D*H), keys, mask (B, S), state
         emb = self.drop(self.src_embed(src))  # (B, S, E)
         if self.cell == "lstm_manual":
             memory, final = self.encoder(emb, src_len)
@@ -747,7 +440,7 @@ class Seq2Seq(nn.Module):
         s = x  # (B, H) top layer
         if self.attn_kind.startswith("luong"):
             context, weights = self.attn(s, keys, memory, mask)  # attends with s_t
-        attn_state = torch.tanh(self.combine(s if self.attn is None else torch.cat([s, context], dim=-1)))  # h̃ (B, H)
+        attn_state = torch.tanh(self.combine(s if self.attn is None else torch.cat([s, context], -1)))  # h̃ (B, H)
         logits = self.out(self.drop(attn_state)) if project else None  # (B, V)
         return logits, (torch.stack(new_h), torch.stack(new_c)), attn_state, weights
 
@@ -756,21 +449,25 @@ class Seq2Seq(nn.Module):
         previous prediction instead of the gold word (one coin per step for the batch)."""
         memory, keys, mask, state = self.encode(src, src_len)
         feed = memory.new_zeros(src.size(0), self.n_hidden)  # h̃_0
-        use_gold = torch.rand(tgt_in.size(1)) < teacher_forcing if teacher_forcing < 1 else None
-        if use_gold is None:  # pure teacher forcing: no step needs the previous step's logits, so the
-            # vocabulary projection (the step's largest matmul) runs once on all T steps, not T times
-            outs = []
+        if teacher_forcing >= 1:  # no step needs the previous step's logits, so the vocabulary
+            outs = []  # projection (the step's largest matmul) runs once on all T steps, not T times
             for t in range(tgt_in.size(1)):
                 _, state, feed, _ = self.step(tgt_in[:, t], state, feed, memory, keys, mask, project=False)
                 outs.append(feed)
             return self.out(self.drop(torch.stack(outs, dim=1)))  # (B, T, V)
+        use_gold = torch.rand(tgt_in.size(1)) < teacher_forcing  # (T,)
         logits, y = [], tgt_in[:, 0]
         for t in range(tgt_in.size(1)):
             if t > 0:
-                y = tgt_in[:, t] if use_gold is None or use_gold[t] else logits[-1].argmax(-1)
+                y = tgt_in[:, t] if use_gold[t] else logits[-1].argmax(-1)
             step_logits, state, feed, _ = self.step(y, state, feed, memory, keys, mask)
             logits.append(step_logits)
         return torch.stack(logits, dim=1)  # (B, T, V)
+
+
+def sequence_loss(logits, tgt_out):
+    """Mean cross-entropy per real target word; <pad> positions contribute nothing."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD)
 
 
 @torch.no_grad()
@@ -833,57 +530,157 @@ def beam_search(model, src, src_len, beam_size, max_new_tokens, length_penalty=0
     return tokens.view(B, K, -1)[torch.arange(B), best]
 
 
-# --- Training -------------------------------------------------------------------------------------
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, vocab):
-    """Write the checkpoint to a temporary file, then rename it: a crash mid-write never destroys
-    the previous checkpoint. The RNG state makes a resumed CPU run continue exactly. The vocabularies
-    travel with the weights, so translate/attention need no data."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
-    raw = getattr(raw, "module", raw)  # and DDP wraps it too
-    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
-    ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "best_val": best_val,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "vocab": vocab,
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+# --- Data -----------------------------------------------------------------------------------------
+# Module-level so tests can point them at a local server (or a closed port, to check "offline").
+ENG_FRA_URL = "https://www.manythings.org/anki/fra-eng.zip"  # refuses requests' default User-Agent
+BROWSER_HEADERS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"}
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
+MULTI30K_SHA256 = {  # the gzipped files as committed (see the shared data MANIFEST)
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+}
+SPECIALS = ["<pad>", "<sos>", "<eos>", "<unk>"]  # the words of ids PAD, SOS, EOS, UNK
+
+# Text normalization. NFC makes "é" one code point however it was typed (NFD would give e + ◌́, a
+# second spelling of the same word in the vocabulary); typographic quotes and the narrow no-break
+# space French puts before "! ? : ;" become their ASCII forms. Accents are KEPT: dropping them (as the
+# PyTorch tutorial does) would make French output that no reference contains.
+_TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u00ab": '"',
+                             "\u00bb": '"', "\u202f": " ", "\u00a0": " ", "\u2009": " "})
+# Tokens: decimals (3.50), a word with its elision apostrophe (l' homme, j' ai, don' t), a word with
+# inner hyphens (t-shirt, est-ce), or one punctuation mark.
+_TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)+|\w+'|\w+(?:-\w+)*|[^\w\s]")
+_NO_SPACE_BEFORE = set(".,!?;:%)]}")
+_NO_SPACE_AFTER = set("([{")
 
 
-def load_checkpoint(path, cfg):
-    """Load a checkpoint saved by this script, refusing one whose model shape differs from `cfg`."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+def tokenize(text, lowercase):
+    """Unicode-normalize, optionally lower-case, split punctuation off: 'Va !' -> ['va', '!']."""
+    text = unicodedata.normalize("NFC", text).translate(_TYPOGRAPHY)
+    return _TOKEN_RE.findall(text.lower() if lowercase else text)
+
+
+def detokenize(tokens):
+    """Join tokens back into text for BLEU: no space before . , ! ? etc., none after an elision
+    apostrophe (l' + homme -> l'homme). BLEU's 13a tokenizer splits most punctuation again, so what
+    matters is what 13a does NOT split: apostrophes and hyphens stay inside words, and we rejoin them.
+    What is lost: a possessive "dogs' toys" comes back as "dogs'toys", curly quotes come back straight
+    (the round trip's cost on the references is reported as `roundtrip_bleu`)."""
+    out = ""
+    for tok in tokens:
+        after_elision = out.endswith("'") and len(out) > 1 and out[-2].isalnum()
+        glue = not out or tok[0] in _NO_SPACE_BEFORE or out[-1] in _NO_SPACE_AFTER or after_elision
+        out += tok if glue else " " + tok
+    return out
+
+
+ENG_PREFIXES = ("i am ", "i'm ", "he is ", "he's ", "she is ", "she's ", "you are ", "you're ",
+                "we are ", "we're ", "they are ", "they're ")  # the PyTorch tutorial's subset
+
+
+def read_eng_fra(data_dir):
+    """-> (name, text) of manythings' fra.txt: <data_dir>/eng-fra/fra.txt if it is there, else read straight
+    out of fra-eng.zip (downloaded beside it when missing). Nothing is extracted, so a read-only folder
+    holding only the zip works. No sha256: manythings republishes the zip as Tatoeba grows."""
+    path = os.path.join(data_dir, "eng-fra", "fra.txt")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return path, f.read()
+    path = download(ENG_FRA_URL, os.path.join(data_dir, "eng-fra", "fra-eng.zip"), magic=b"PK\x03\x04",
+                    headers=BROWSER_HEADERS)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle from elsewhere, another format
-        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
-            for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
-    return ckpt
+        with zipfile.ZipFile(path) as z:
+            return f"{path}: fra.txt", z.read("fra.txt").decode("utf-8")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{path} is not manythings' fra-eng.zip with a fra.txt inside ({e}); delete it") from None
 
 
-def log_jsonl(cfg, record):
-    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def load_eng_fra(cfg):
+    """Tatoeba English-French, lower-cased, filtered, split into train/val/test BY SOURCE SENTENCE:
+    Tatoeba often lists one English sentence with several French translations, and a split by pair
+    would put the same source in train and test. -> {split: [(src_tokens, tgt_tokens, reference)]}.
+    The reference is the lower-cased, quote-normalized target (detokenized): eng-fra BLEU is therefore
+    case-insensitive (like sacrebleu -lc), unlike Multi30k's, which is cased against the raw text."""
+    name, text = read_eng_fra(cfg.data_dir)
+    examples = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        cols = line.split("\t")  # English, French and, in newer releases, an attribution
+        if line and (len(cols) < 2 or not cols[0].strip() or not cols[1].strip()):
+            raise UserError(f"{name}, line {lineno}: expected 'English<TAB>French', got {line[:80]!r}")
+        en_tok, fr_tok = (tokenize(side, True) for side in (cols + [""])[:2])
+        if not (0 < len(en_tok) <= cfg.max_len and 0 < len(fr_tok) <= cfg.max_len):
+            continue
+        if cfg.prefix_filter and not (detokenize(en_tok) + " ").startswith(ENG_PREFIXES):
+            continue
+        src, tgt = (fr_tok, en_tok) if cfg.reverse else (en_tok, fr_tok)
+        examples.append((src, tgt, detokenize(tgt)))
+    sources = sorted({" ".join(src) for src, _, _ in examples})
+    random.Random(cfg.seed).shuffle(sources)  # a split fixed by the seed, not by the rank
+    n = max(1, int(cfg.heldout_frac * len(sources)))
+    split_of = {s: "test" for s in sources[:n]} | {s: "val" for s in sources[n:2 * n]}
+    splits = {"train": [], "val": [], "test": []}
+    for ex in examples:
+        splits[split_of.get(" ".join(ex[0]), "train")].append(ex)
+    return splits
 
 
-def build_model(cfg, vocab):
-    return Seq2Seq(len(vocab["src"]), len(vocab["tgt"]), cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.cell,
-                   cfg.attn, cfg.bidirectional, cfg.dropout)
+def load_multi30k(cfg):
+    """Multi30k task 1, German->English, the official train/val/test2016 splits. Cased: the reference
+    is the raw English line, so BLEU is exactly 02_transformer_mt.py's metric. Nothing is filtered:
+    the longest sentences have about 40 words, which an attention model handles. The files are pinned
+    by sha256, so their line counts match and no side is empty."""
+    splits = {}
+    for split, stem in (("train", "train"), ("val", "val"), ("test", "test_2016_flickr")):
+        sides = []
+        for lang in ("de", "en"):
+            name = f"{stem}.{lang}.gz"
+            path = download(MULTI30K_URL + name, os.path.join(cfg.data_dir, "multi30k", name), MULTI30K_SHA256[name])
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                sides.append(f.read().rstrip("\n").split("\n"))
+        splits[split] = [(tokenize(de, False), tokenize(en, False), en.strip()) for de, en in zip(*sides)]
+    return splits
 
 
+def build_vocab(sentences, min_freq):
+    """-> itos list: the four specials, then words seen >= min_freq times, most frequent first."""
+    counts = Counter(w for s in sentences for w in s)
+    return SPECIALS + sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+
+
+def prepare(cfg, vocab=None):
+    """-> ({split: [(src_ids, tgt_ids, src_words, tgt_words, reference)]}, {"src": itos, "tgt": itos}).
+    Vocabularies come from the training split only (or from a checkpoint, which carries them)."""
+    splits = load_multi30k(cfg) if cfg.dataset == "multi30k" else load_eng_fra(cfg)
+    if not splits["train"] or not splits["test"]:
+        raise UserError(f"{cfg.dataset}: no training or test pairs left after --max_len={cfg.max_len}"
+                        f"{' and --prefix_filter' if cfg.prefix_filter else ''}")
+    if vocab is None:
+        vocab = {"src": build_vocab((ex[0] for ex in splits["train"]), cfg.min_freq),
+                 "tgt": build_vocab((ex[1] for ex in splits["train"]), cfg.min_freq)}
+    s2i, t2i = ({w: i for i, w in enumerate(vocab[side])} for side in ("src", "tgt"))
+    data = {k: [([s2i.get(w, UNK) for w in src], [t2i.get(w, UNK) for w in tgt], src, tgt, ref)
+                for src, tgt, ref in v] for k, v in splits.items()}
+    return data, vocab
+
+
+def make_batch(examples, device):
+    """Pad a list of (src_ids, tgt_ids, ...) -> src (B, S), src_len (B,), tgt_in (B, T), tgt_out (B, T).
+    tgt_in = <sos> y_1 .. y_n, tgt_out = y_1 .. y_n <eos>: the decoder predicts the next word."""
+    B, S, T = len(examples), max(len(ex[0]) for ex in examples), max(len(ex[1]) for ex in examples) + 1
+    src, tgt_in, tgt_out = (torch.full((B, n), PAD, dtype=torch.long) for n in (S, T, T))
+    for b, (s, t, *_) in enumerate(examples):
+        src[b, :len(s)] = torch.tensor(s)
+        tgt_in[b, :len(t) + 1] = torch.tensor([SOS] + t)
+        tgt_out[b, :len(t) + 1] = torch.tensor(t + [EOS])
+    src_len = torch.tensor([max(len(ex[0]), 1) for ex in examples])
+    return src.to(device), src_len.to(device), tgt_in.to(device), tgt_out.to(device)
+
+
+# --- Training -------------------------------------------------------------------------------------
 def get_lr(cfg, step):
     """Linear warmup, then cosine decay to min_lr (nanoGPT's schedule)."""
     if step < cfg.warmup_iters:
@@ -894,72 +691,63 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def sequence_loss(logits, tgt_out):
-    """Mean cross-entropy per real target word; <pad> positions contribute nothing."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD)
+def init_model(cfg, device, vocab=None, rank=0, world_size=1):
+    """-> (model, optimizer, vocab, step, best_val). Training passes the data's `vocab`: a fresh model,
+    or with --init_from=resume the run in out_dir/ckpt.pt continued exactly. The other modes pass none
+    and get the trained model, in eval mode, with the vocabularies its checkpoint carries (no data)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    training = vocab is not None
+    ckpt = load_checkpoint(path, cfg, stage="train") if not training or cfg.init_from == "resume" else None
+    if training and ckpt is not None and ckpt["vocab"] != vocab:
+        raise UserError(f"{path} was trained on other data (its vocabulary differs): use the same --max_len/"
+                        f"--prefix_filter/--min_freq/--heldout_frac/--seed, or --init_from=scratch")
+    vocab = vocab or ckpt["vocab"]
+    model = Seq2Seq(len(vocab["src"]), len(vocab["tgt"]), cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.cell,
+                    cfg.attn, cfg.bidirectional, cfg.dropout).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    if ckpt is None:
+        return model, optimizer, vocab, 0, float("inf")
+    if training:  # weights, Adam's moments and the random stream: the same batches and dropout masks
+        ckpt = resume(path, cfg, model, optimizer, rank, world_size, stage="train")
+    else:
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+    return model, optimizer, vocab, ckpt["step"], ckpt["best_val"]
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, cfg, device, ctx):
+def evaluate(model, examples, cfg, device, ctx):
     """Teacher-forced loss on the first eval_iters batches of `examples`, in order: the same batches
     at every evaluation, and no draw from the training RNG (so resumed runs stay exact)."""
     model.eval()
     total, count = 0.0, 0
-    for k in range(cfg.eval_iters):
-        chunk = examples[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-        if not chunk:
-            break
-        src, src_len, tgt_in, tgt_out = make_batch(chunk, device)
+    for k in range(0, min(len(examples), cfg.eval_iters * cfg.batch_size), cfg.batch_size):
+        src, src_len, tgt_in, tgt_out = make_batch(examples[k:k + cfg.batch_size], device)
         with ctx:
             logits = model(src, src_len, tgt_in)
         n = (tgt_out != PAD).sum().item()
         total, count = total + sequence_loss(logits, tgt_out).item() * n, count + n
     model.train()
-    return total / max(count, 1)
-
-
-def param_hash(model):
-    """sha256 of every parameter's bytes: equal on every DDP rank, or the ranks have drifted apart."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return {"val_loss": total / max(count, 1)}
 
 
 def train(cfg) -> dict:
     rank, local_rank, world_size = setup_ddp()
     master = rank == 0
     device, ctx, scaler = setup_device(cfg, local_rank)
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # float16 needs one; disabled, it passes calls through
     torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, cfg) if cfg.init_from == "resume" else None
     if not master:
         dist.barrier()  # rank 0 downloads first
     data, vocab = prepare(cfg)
     if master and world_size > 1:
         dist.barrier()
-    if ckpt is not None and ckpt["vocab"] != vocab:
-        raise UserError(f"{ckpt_path} was trained on other data (its vocabulary differs): use the same "
-                        f"--max_len/--prefix_filter/--min_freq/--heldout_frac/--seed, or --init_from=scratch")
-    model = build_model(cfg, vocab).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    step, best_val = 0, float("inf")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        if world_size == 1:  # the exact continuation: same batches, same dropout masks
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        else:  # one saved state cannot serve several ranks: fresh, still rank-distinct streams
-            torch.manual_seed(cfg.seed + rank + 7919 * step)
+    model, optimizer, vocab, step, best_val = init_model(cfg, device, vocab, rank, world_size)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in device else None)
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{cfg.dataset}: {len(data['train'])} train / {len(data['val'])} val / {len(data['test'])} test pairs, "
@@ -975,16 +763,12 @@ def train(cfg) -> dict:
         with ctx:
             logits = model(src, src_len, tgt_in, cfg.teacher_forcing)  # (B, T, V)
         loss = sequence_loss(logits, tgt_out)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # so that grad_clip sees the true gradient norm
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += (tgt_out != PAD).sum().item()
@@ -994,20 +778,20 @@ def train(cfg) -> dict:
                   f"{tokens * world_size / dt:,.0f} tgt tok/s | {1000 * dt / (step - last_log):.0f} ms/step")
             t0, tokens, last_log = time.time(), 0, step
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = evaluate_loss(raw_model, data["val"], cfg, device, ctx)
+            val_loss = evaluate(raw_model, data["val"], cfg, device, ctx)["val_loss"]
             if master:
                 print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.1f})")
                 log_jsonl(cfg, {"step": step, "train_loss": loss.item(), "val_loss": val_loss, "lr": lr,
                                 "elapsed_s": round(time.time() - t_start, 1)})
                 if val_loss < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, val_loss)
-                    save_checkpoint(ckpt_path, model, optimizer, cfg, step, best_val, vocab)
+                    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, cfg, step, best_val,
+                                    vocab=vocab)
     metrics = {"step": step, "train_loss": None if loss is None else loss.item(),
-               "param_hash": param_hash(raw_model), "train_time_s": round(time.time() - t_start, 1)}
+               "fingerprint": fingerprint(raw_model), "train_time_s": round(time.time() - t_start, 1)}
     if world_size > 1:
-        hashes = [None] * world_size
-        dist.all_gather_object(hashes, metrics["param_hash"])
-        metrics["param_hashes"] = hashes
+        metrics["fingerprints"] = [None] * world_size
+        dist.all_gather_object(metrics["fingerprints"], metrics["fingerprint"])
     if master:
         t_bleu = time.time()
         metrics.update(evaluate_bleu(raw_model, data["test"], vocab, cfg, device, ctx))
@@ -1021,8 +805,7 @@ def train(cfg) -> dict:
     return metrics
 
 
-# --- Evaluation / inference -----------------------------------------------------------------------
-# --- BLEU as sacreBLEU computes it (the same code is in 01_lstm_seq2seq.py and 02_transformer_mt.py) ---
+# --- Evaluation: BLEU as sacreBLEU computes it (the same code is in 01 and 02) --------------------
 _BLEU_13A_RULES = [
     (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # split off ASCII punctuation and symbols
     (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # a period or comma not preceded by a digit...
@@ -1085,31 +868,22 @@ def corpus_bleu(hypotheses, references, max_n=4):
     return 100.0 * brevity_penalty * math.exp(sum(log_precisions) / max_n)
 
 
-def ids_to_text(ids, itos):
-    """Decoder ids -> detokenized text, stopping at <eos>."""
-    words = []
-    for i in ids:
-        if i in (EOS, PAD):
-            break
-        words.append(itos[i])
-    return detokenize(words)
-
-
-def translate(model, src_ids, vocab, cfg, device, ctx, beam_size=None):
-    """Translate lists of source ids in batches -> detokenized strings."""
+# --- Evaluation / inference -----------------------------------------------------------------------
+def translate(model, src_ids, vocab, cfg, device, ctx):
+    """Translate lists of source ids in batches (beam search, or greedy with --beam_size=1) -> strings."""
     model.eval()
-    beam_size = cfg.beam_size if beam_size is None else beam_size
     outputs = []
     for k in range(0, len(src_ids), cfg.batch_size):
-        chunk = src_ids[k:k + cfg.batch_size]
-        src, src_len, _, _ = make_batch([(s or [UNK], []) for s in chunk], device)
+        src, src_len, _, _ = make_batch([(s or [UNK], []) for s in src_ids[k:k + cfg.batch_size]], device)
         max_new = 2 * src.size(1) + 10
         with ctx:
-            if beam_size > 1:
-                tokens = beam_search(model, src, src_len, beam_size, max_new, cfg.length_penalty)
+            if cfg.beam_size > 1:
+                tokens = beam_search(model, src, src_len, cfg.beam_size, max_new, cfg.length_penalty)
             else:
                 tokens = greedy_decode(model, src, src_len, max_new)[0]
-        outputs += [ids_to_text(row, vocab["tgt"]) for row in tokens.tolist()]
+        for row in tokens.tolist():  # each cut at its <eos> (or <pad>)
+            stop = next((k for k, i in enumerate(row) if i in (EOS, PAD)), len(row))
+            outputs.append(detokenize([vocab["tgt"][i] for i in row[:stop]]))
     return outputs
 
 
@@ -1123,32 +897,36 @@ def evaluate_bleu(model, examples, vocab, cfg, device, ctx):
             "example": {"src": detokenize(examples[0][2]), "ref": refs[0], "hyp": hyps[0]}}
 
 
-def load_for_inference(cfg):
+def report_bleu(cfg):
+    """--mode bleu: the checkpoint's test BLEU, decoded with the current --beam_size/--length_penalty."""
     device, ctx, _ = setup_device(cfg)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
-    model = build_model(cfg, ckpt["vocab"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["vocab"], device, ctx
+    model, _, vocab, _, _ = init_model(cfg, device)
+    result = evaluate_bleu(model, prepare(cfg, vocab)[0]["test"], vocab, cfg, device, ctx)
+    print(f"test BLEU {result['bleu']:.2f} (beam {cfg.beam_size}; round-trip ceiling {result['roundtrip_bleu']:.2f})")
+    return result
 
 
-def encode_text(cfg, text, vocab):
-    words = tokenize(text, lowercase=cfg.dataset == "eng-fra")
-    s2i = {w: i for i, w in enumerate(vocab["src"])}
-    return words, [s2i.get(w, UNK) for w in words]
+def translate_text(cfg):
+    """--mode translate: --text through the trained model; --mode attention: the same, drawn."""
+    device, ctx, _ = setup_device(cfg)
+    model, _, vocab, _, _ = init_model(cfg, device)
+    words = tokenize(cfg.text, lowercase=cfg.dataset == "eng-fra")
+    ids = [vocab["src"].index(w) if w in vocab["src"] else UNK for w in words]
+    if cfg.mode == "attention":
+        return plot_attention(cfg, model, vocab, device, ctx, words, ids)
+    print(f"{detokenize(words)} -> {translate(model, [ids], vocab, cfg, device, ctx)[0]}")
 
 
-def plot_attention(cfg):
-    """Greedy-translate --text and draw its attention weights α (output words x source words)."""
+def plot_attention(cfg, model, vocab, device, ctx, words, ids):
+    """Greedy-translate the source `ids` and draw the attention weights α (output words x source words)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--mode attention draws a PNG with matplotlib: pip install matplotlib") from None
-    model, vocab, device, ctx = load_for_inference(cfg)
     if model.attn is None:
         raise UserError("this model was trained with --attn=none: there are no attention weights to plot")
-    words, ids = encode_text(cfg, cfg.text, vocab)
     src, src_len, _, _ = make_batch([(ids or [UNK], [])], device)
     with ctx:
         tokens, attn = greedy_decode(model, src, src_len, 2 * len(ids) + 10)
@@ -1162,9 +940,7 @@ def plot_attention(cfg):
     ax.imshow(weights, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(words)), [vocab["src"][i] if i == UNK else w for w, i in zip(words, ids)], rotation=60)
     ax.set_yticks(range(len(out)), out)
-    ax.set_xlabel("source")
-    ax.set_ylabel("output")
-    ax.set_title(f"{cfg.attn} attention")
+    ax.set(xlabel="source", ylabel="output", title=f"{cfg.attn} attention")
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, "attention.png")
     fig.savefig(path, dpi=120)
@@ -1172,87 +948,264 @@ def plot_attention(cfg):
     return path
 
 
-BENCH_VOCAB = 8000  # about the size of eng-fra's French vocabulary at min_freq 2
-
-
-def benchmark(cfg, steps=10):
+def benchmark(cfg, steps=10, vocab_size=8000):  # 8000: about eng-fra's French vocabulary at min_freq 2
     """ms per training batch (forward + backward + Adam) for lstm vs lstm_manual vs gru on random
     sentence pairs of length max_len, and for the bare encoder layer alone: the price of a
     hand-written LSTM (a Python loop over time, one small matmul per step) vs PyTorch's fused kernels."""
     device, ctx, _ = setup_device(cfg)
-    B, S, E, H = cfg.batch_size, cfg.max_len, cfg.n_embd, cfg.n_hidden
-    results = {}
+    B, S, E, H, V = cfg.batch_size, cfg.max_len, cfg.n_embd, cfg.n_hidden, vocab_size
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
 
     def timed(fn):
         fn()  # warmup
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync()
         return 1000 * (time.perf_counter() - t) / steps
 
+    def train_step(model, opt):
+        with ctx:
+            loss = sequence_loss(model(src, src_len, tgt[:, :-1]), tgt[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     gen = torch.Generator().manual_seed(cfg.seed)
-    src = torch.randint(4, BENCH_VOCAB, (B, S), generator=gen).to(device)
-    tgt = torch.randint(4, BENCH_VOCAB, (B, S + 1), generator=gen).to(device)
-    src_len = torch.full((B,), S, device=device)
+    src = torch.randint(4, V, (B, S), generator=gen).to(device)
+    tgt = torch.randint(4, V, (B, S + 1), generator=gen).to(device)
+    src_len, results = torch.full((B,), S, device=device), {}
     for cell in ("lstm", "lstm_manual", "gru"):
         torch.manual_seed(cfg.seed)
-        model = Seq2Seq(BENCH_VOCAB, BENCH_VOCAB, E, H, cfg.n_layer, cell, cfg.attn, cfg.bidirectional, cfg.dropout).to(device)
+        model = Seq2Seq(V, V, E, H, cfg.n_layer, cell, cfg.attn, cfg.bidirectional, cfg.dropout).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def train_step():
-            with ctx:
-                loss = sequence_loss(model(src, src_len, tgt[:, :-1]), tgt[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        results[f"{cell}_ms_per_batch"] = timed(train_step)
+        results[f"{cell}_ms_per_batch"] = timed(lambda: train_step(model, opt))
     x = torch.randn(B, S, E, device=device, requires_grad=True)
-    layers = {"lstm": nn.LSTM(E, H, batch_first=True).to(device),
-              "lstm_manual": ManualLSTM(E, H).to(device)}
-    for name, layer in layers.items():
-        def layer_step():
-            out = layer(x) if name == "lstm" else layer(x, src_len)
-            out[0].sum().backward()
-        results[f"{name}_layer_ms"] = timed(layer_step)
-    print(f"ms per batch, B={B}, S=T={S}, E={E}, H={H}, V={BENCH_VOCAB}, device {device}, "
-          f"{torch.get_num_threads()} threads:")
+    layers = {"lstm": (nn.LSTM(E, H, batch_first=True).to(device), (x,)),
+              "lstm_manual": (ManualLSTM(E, H).to(device), (x, src_len))}
+    for name, (layer, args) in layers.items():
+        results[f"{name}_layer_ms"] = timed(lambda: layer(*args)[0].sum().backward())
+    print(f"ms per batch, B={B}, S=T={S}, E={E}, H={H}, V={V}, device {device}, {torch.get_num_threads()} threads:")
     for name, ms in results.items():
         print(f"  {name:28s} {ms:8.1f}")
     print(f"  lstm_manual / lstm: {results['lstm_manual_ms_per_batch'] / results['lstm_ms_per_batch']:.2f}x per "
           f"batch, {results['lstm_manual_layer_ms'] / results['lstm_layer_ms']:.2f}x for the layer alone")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     log_jsonl(cfg, {"bench": results, "batch_size": B, "max_len": S, "device": device})
     return results
 
 
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
+    return run_cli({"train": train, "translate": translate_text, "attention": translate_text, "bleu": report_bleu,
+                    "bench": benchmark}, argv)
+
+
+# --- Plumbing: the same in every script ----------------------------------------------------------
+# Flags, devices, DDP, downloads, checkpoints, logs: byte-identical in all seven scripts (a test
+# compares them), so read it once. What differs per script comes from the constants beside Config
+# (SCRIPT_NAME, PRESETS, DEFAULT_PRESET, RULES, MODEL_KEYS) and from its check_config(cfg).
+class UserError(Exception):
+    """A problem the user can fix (missing data, a foreign checkpoint): one `error:` line, exit 1."""
+
+
+def parse_args(argv=None) -> Config:
+    """`--preset NAME` (then PRESETS["NAME/<mode>"] if there is one), then `--field=value` or
+    `--field value` for any Config field, then RULES and check_config. A bad flag or value exits
+    with status 2 and names the flag; --help lists every field with its default and comment."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
+
+    def fail(msg):
+        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        sys.exit(2)
+
+    if "-h" in argv or "--help" in argv:
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+        print(f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(presets)}] [--field=value ...]")
+        for name, f in {"preset": dataclasses.field(default=DEFAULT_PRESET), **fields}.items():
+            print(f"  --{name}={f.default!s}".ljust(36) + helps.get(name, "overrides applied before the flags"))
+        sys.exit(0)
+    overrides, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or (name not in fields and name != "preset"):
+            fail(f"unknown flag {argv[i]}" if argv[i].startswith("--") else f"unexpected argument {argv[i]!r}")
+        kind = fields[name].type if name in fields else str
+        if not eq:  # `--name value`, or a bare boolean flag meaning true
+            bare = kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if not bare and i + 1 == len(argv):
+                fail(f"--{name} needs a value")
+            value, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        i += 1
+        try:
+            overrides[name] = bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            fail(f"--{name} expects {kind.__name__}, got {value!r}")
+    preset = overrides.pop("preset", DEFAULT_PRESET)
+    if preset not in presets:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    mode = overrides.get("mode", PRESETS[preset].get("mode", Config.mode))
+    cfg = Config(**{**PRESETS[preset], **PRESETS.get(f"{preset}/{mode}", {}), **overrides})
+    bounds = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    for name, rule in RULES.items():  # a tuple lists the allowed values; a string bounds a number
+        value, choices = getattr(cfg, name), isinstance(rule, tuple)
+        if not (value in rule if choices else math.isfinite(value) and bounds[rule](value)):
+            fail(f"--{name} must be {'one of ' + ', '.join(map(str, rule)) if choices else rule}, not {value!r}")
+    try:
+        check_config(cfg)  # the rules that tie several flags together
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def run_cli(modes, argv=None):
+    """Parse the flags, check --device and --out_dir before any work, run modes[cfg.mode](cfg).
+    A UserError ends the run with its message on one line and exit status 1, not a traceback."""
     cfg = parse_args(argv)
     try:
-        check_config(cfg)
-        if cfg.mode == "train":
-            train(cfg)
-        elif cfg.mode == "translate":
-            model, vocab, device, ctx = load_for_inference(cfg)
-            words, ids = encode_text(cfg, cfg.text, vocab)
-            print(f"{detokenize(words)} -> {translate(model, [ids], vocab, cfg, device, ctx)[0]}")
-        elif cfg.mode == "attention":
-            plot_attention(cfg)
-        elif cfg.mode == "bleu":
-            model, vocab, device, ctx = load_for_inference(cfg)
-            data, _ = prepare(cfg, vocab)
-            result = evaluate_bleu(model, data["test"], vocab, cfg, device, ctx)
-            print(f"test BLEU {result['bleu']:.2f} (beam {cfg.beam_size}; round-trip ceiling "
-                  f"{result['roundtrip_bleu']:.2f})")
-        else:
-            benchmark(cfg)
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        have = ["cpu"] + cuda + ["mps"] * torch.backends.mps.is_available()
+        if cfg.device != "auto" and cfg.device not in have:
+            raise UserError(f"--device {cfg.device} is not available here; this machine has: auto, {', '.join(have)}")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out_dir).close()
+        except OSError as e:
+            raise UserError(f"--out_dir {cfg.out_dir} is not a folder this user can write ({e.strerror})") from None
+        return modes[cfg.mode](cfg)
     except UserError as e:
         print(f"{SCRIPT_NAME}.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def setup_ddp():
+    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size). nccl on CUDA,
+    gloo on CPU. Rank 0 alone logs, downloads and saves."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def setup_device(cfg, local_rank=0):
+    """-> (device, autocast context, GradScaler or None). cuda > mps > cpu unless --device says
+    otherwise. dtype `auto` picks bfloat16 where the GPU runs it natively, else float16 with a
+    GradScaler (it scales the loss up so small float16 gradients do not underflow), else float32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = f"cuda:{local_rank}" if device == "cuda" else device, cfg.dtype
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # CPUs without AMX run bfloat16 matmuls slower than float32
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, ctx, torch.amp.GradScaler(device_type) if dtype == "float16" else None
+
+
+def download(url, path, sha256=None, magic=None, headers=None):
+    """Fetch `url` to `path` unless it is there, through `path + ".part"` and a rename after a check
+    (the sha256 if pinned, else the first bytes: `magic`, and never a proxy's HTML page), so a cut,
+    corrupt or wrong download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    import requests  # only needed when something is actually downloaded
+
+    tmp, hint, head = path + ".part", f"download it by hand from {url} and save it as {path}", b""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total, digest = int(r.headers.get("content-length", 0)), hashlib.sha256()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                head = head or chunk[:64]
+                pct = f" {100 * f.tell() / total:5.1f}%" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {f.tell() / 1e6:.1f} MB{pct}", end="", flush=True)
+        print()
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}). If this machine is "
+                        f"offline, {hint} (or point --data_dir / LLM_DATA_DIR at a folder that has it).") from None
+    wrong = (f"sha256 {digest.hexdigest()}, expected {sha256}" if sha256 and digest.hexdigest() != sha256 else
+             f"it does not start with {magic!r}" if magic and not head.startswith(magic) else
+             "it is an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else None)
+    if wrong:
+        os.remove(tmp)
+        raise UserError(f"{url} did not send the expected file ({wrong}); run again, or {hint}")
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model):
+    """The plain nn.Module inside DDP(...) and torch.compile(...) wrappers, in any order."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
+    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+                "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_KEYS):
+    """torch.load with weights_only=True (a pickle cannot run code), refusing a checkpoint that is
+    missing, truncated, from another script or stage, or of another shape than `cfg` on `keys`."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a pickle with code in it, another format
+        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script or (stage and ckpt.get("stage") != stage):
+        got = f"{ckpt.get('script')} {ckpt.get('stage')}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {script}.py {stage + ' ' if stage else ''}checkpoint (it is: {got})")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
+            for k in keys if cfg is not None and ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
+    return ckpt
+
+
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+    """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
+    with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
+    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
+    ckpt = load_checkpoint(path, cfg, stage)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank + 7919 * ckpt["step"])
+    else:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def fingerprint(model):
+    """16 hex digits of sha256 over every parameter: equal on DDP ranks iff their weights are."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_jsonl(cfg, record):
+    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

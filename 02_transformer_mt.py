@@ -2,14 +2,14 @@
 
 You will learn: scaled dot-product and multi-head attention written out; the encoder-decoder with
 cross-attention; padding and causal masks; four ways to tell the model where a token is (sinusoidal,
-learned, relative bias, RoPE); post- vs pre-LayerNorm; a byte-level BPE learned from scratch; token-
-budget batching; label smoothing and the inverse-square-root warmup; greedy and beam search with a KV
-cache; BLEU computed exactly as sacreBLEU does; and what attention heads look at.
+learned, relative bias, RoPE); post- vs pre-LayerNorm; greedy and beam search with a KV cache; a
+byte-level BPE learned from scratch; token-budget batching; label smoothing and the inverse-square-root
+warmup; BLEU computed exactly as sacreBLEU does; and what attention heads look at.
 
 Run it:
     python 02_transformer_mt.py                                   # CPU quick run (the `cpu` preset)
     python 02_transformer_mt.py --preset gpu                      # one GPU
-    torchrun --standalone --nproc_per_node=8 02_transformer_mt.py --preset gpu   # several GPUs (DDP)
+    torchrun --standalone --nproc_per_node=8 02_transformer_mt.py --preset gpu --gradient_accumulation_steps=8
     python 02_transformer_mt.py --mode translate --text "Ein Mann fährt Fahrrad."
     python 02_transformer_mt.py --mode attention --text "Ein Hund läuft im Schnee."   # PNG heatmaps
     python 02_transformer_mt.py --mode sweep --max_iters 750     # heads x width grid -> sweep.md
@@ -39,6 +39,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
@@ -49,10 +50,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# --- Config ---------------------------------------------------------------------------------------
 SCRIPT_NAME = "02_transformer_mt"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
 
 
-# --- Config ---------------------------------------------------------------------------------------
 @dataclass
 class Config:
     # I/O
@@ -77,7 +78,7 @@ class Config:
     block_size: int = 256  # longest sentence in tokens (longer training pairs are skipped)
     # training
     max_tokens: int = 2048  # token budget of a micro-batch: sentences x longest side, padding included
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all ranks together
     max_iters: int = 1250  # optimizer steps (~5 epochs of Multi30k at the default budget)
     learning_rate: float = 1e-3  # peak learning rate, reached at step warmup_iters
     warmup_iters: int = 400  # linear warmup, then lr ~ 1/sqrt(step) (paper eq. 3)
@@ -87,7 +88,7 @@ class Config:
     log_interval: int = 50  # steps between progress lines
     always_save_checkpoint: bool = False  # save at every eval, not only on a new best val loss
     # decoding
-    beam: int = 4  # beam width (1 = greedy)
+    beam_size: int = 4  # beam width (1 = greedy)
     length_penalty: float = 0.6  # GNMT alpha: score / ((5 + len) / 6) ** alpha
     sweep_heads: str = "1,4,8"  # --mode sweep: comma-separated n_head values
     sweep_d_model: str = "128,256"  # --mode sweep: comma-separated d_model values (d_ff = 4 d_model)
@@ -100,407 +101,59 @@ class Config:
 
 PRESETS = {
     "tiny": dict(vocab_size=512, n_layer=1, d_model=32, n_head=2, d_ff=64, max_tokens=512, max_iters=20,
-                 warmup_iters=5, eval_interval=10, log_interval=5, block_size=128, beam=2),  # tests
-    # the default: a 2-core CPU in under half an hour. Test BLEU of one run, beam 4, at steps
-    # 1000 / 1250 / 1500: 30.3 / 33.2 / 34.2 (the schedule does not depend on max_iters).
-    "cpu": dict(),
-    "gpu": dict(n_layer=6, d_model=512, n_head=8, d_ff=2048, max_tokens=8192, gradient_accumulation_steps=1,
-                max_iters=12000, learning_rate=7e-4, warmup_iters=4000, eval_interval=1000, log_interval=100,
-                beam=5, compile=True),  # Transformer-base shape, as in the paper
+                 warmup_iters=5, eval_interval=10, log_interval=5, block_size=128, beam_size=2),  # tests
+    "cpu": dict(),  # the default: a 2-core CPU in under half an hour
+    "gpu": dict(n_layer=6, d_model=512, n_head=8, d_ff=2048, max_tokens=8192, max_iters=12000, learning_rate=7e-4,
+                warmup_iters=4000, eval_interval=1000, log_interval=100, beam_size=5, compile=True),  # paper's base
 }
 DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("vocab_size", "n_layer", "d_model", "n_head", "d_ff", "norm", "pos", "max_rel_dist", "block_size")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, wrong checkpoint): main() prints the
-    message and exits with status 1 instead of showing a traceback."""
-
-
-def _field_help():
-    """Each Config field's trailing `# comment`, read from this file's source, for --help."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def _parse_value(name, kind, text):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError
-    return kind(text)
-
-
-def usage():
-    helps = _field_help()
-    lines = [f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(PRESETS)}] [--field=value ...]",
-             f"  --preset NAME  overrides applied before the flags (default: {DEFAULT_PRESET})"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s}".ljust(36) + helps.get(f.name, ""))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None) -> Config:
-    """`--preset NAME`, then `--field=value` or `--field value` for every Config field.
-    An unknown flag or a badly typed value exits with status 2 and names the flag."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-
-    def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
-        sys.exit(2)
-
-    preset, overrides, i = DEFAULT_PRESET, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            fail(f"unexpected argument {arg!r}")
-        name, eq, value = arg[2:].partition("=")
-        if name != "preset" and name not in kinds:
-            fail(f"unknown flag --{name}")
-        if not eq:  # `--name value`, or a bare boolean flag meaning true
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if kinds.get(name) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                fail(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if name == "preset":
-            if value not in PRESETS:
-                fail(f"unknown preset {value!r} for --preset (choose from {', '.join(PRESETS)})")
-            preset = value
-            continue
-        try:
-            overrides[name] = _parse_value(name, kinds[name], value)
-        except ValueError:
-            fail(f"--{name} expects {kinds[name].__name__}, got {value!r}")
-    return Config(**{**PRESETS[preset], **overrides})
-
-
-def setup_ddp():
-    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size).
-    nccl on CUDA, gloo on CPU. Rank 0 alone logs, downloads and saves."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, autocast context, GradScaler or None).
-    Device: cuda > mps > cpu unless --device says otherwise. dtype `auto` picks bfloat16 where the
-    hardware runs it natively, else float16 with a GradScaler (which rescales the loss so small
-    float16 gradients do not underflow), else float32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    device_type = device.split(":")[0]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    return device, ctx, scaler
-
-
-# --- Data -----------------------------------------------------------------------------------------
-MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.gz"
-MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-MULTI30K_SHA256 = {  # of the .gz files (shared/data/MANIFEST.md); other languages are not pinned
-    "train.de": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
-    "train.en": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
-    "val.de": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
-    "val.en": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
-    "test_2016_flickr.de": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
-    "test_2016_flickr.en": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+LANGS = ("de", "en", "fr", "cs")  # the languages of Multi30k task 1
+RULES = {  # parse_args checks these: a tuple lists the allowed values, a string bounds a number
+    "mode": ("train", "translate", "attention", "bleu", "sweep"), "init_from": ("scratch", "resume"),
+    "src_lang": LANGS, "tgt_lang": LANGS, "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "norm": ("post", "pre"), "pos": ("sinusoidal", "learned", "relative", "rope"),
+    "dropout": "in [0, 1)", "label_smoothing": "in [0, 1)",
+    **dict.fromkeys(("n_layer", "d_model", "n_head", "d_ff", "block_size", "max_tokens", "learning_rate",
+                     "warmup_iters", "gradient_accumulation_steps", "eval_interval", "log_interval"), "> 0"),
+    "beam_size": "> 0", **dict.fromkeys(("max_rel_dist", "max_iters", "grad_clip", "length_penalty"), ">= 0"),
 }
 
 
-def download(url, path, sha256=None):
-    """Fetch `url` to `path` unless it is already there: streamed to `path + ".part"` with a progress
-    line, checked against `sha256` when known, then renamed into place, so an interrupted or corrupt
-    download never leaves a file that looks complete."""
-    if os.path.exists(path):
-        return path
-    import requests  # only needed when something is actually downloaded
+def check_config(cfg):
+    """The rules that tie flags together; parse_args turns the ValueError into one line and exit 2."""
+    if cfg.vocab_size < N_SPECIAL + 256:
+        raise ValueError(f"--vocab_size must be at least {N_SPECIAL + 256} (specials + bytes), not {cfg.vocab_size}")
+    if cfg.max_tokens < cfg.block_size:
+        raise ValueError(f"--max_tokens={cfg.max_tokens} must be at least --block_size={cfg.block_size}")
+    if cfg.dataset != "multi30k" and not cfg.dataset.startswith("tsv:"):
+        raise ValueError(f"--dataset must be multi30k or tsv:PATH, not {cfg.dataset!r}")
+    heads, width = ("--sweep_heads", "--sweep_d_model") if cfg.mode == "sweep" else ("--n_head", "--d_model")
+    for n_head, d_model in sweep_grid(cfg) if cfg.mode == "sweep" else [(cfg.n_head, cfg.d_model)]:
+        if d_model % n_head:
+            raise ValueError(f"{width}={d_model} is not divisible by {heads}={n_head}")
+        if cfg.pos == "rope" and d_model // n_head % 2 or cfg.pos == "sinusoidal" and d_model % 2:
+            raise ValueError(f"--pos={cfg.pos} needs an even {'d_model / n_head' if cfg.pos == 'rope' else 'd_model'}"
+                             f" ({width}={d_model}, {heads}={n_head})")
 
-    tmp = path + ".part"
-    hint = f"download it by hand from {url} and save it as {path}"
+
+def sweep_grid(cfg):
+    """--sweep_heads x --sweep_d_model -> [(n_head, d_model), ...]."""
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with requests.get(url, stream=True, timeout=30) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            digest, done = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    pct = f" {100 * done / total:5.1f}%" if total else ""
-                    print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
-        print()
-    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"
-                        f"If this machine is offline, {hint} (or point --data_dir / LLM_DATA_DIR "
-                        f"at a folder that has it).") from None
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise UserError(f"{url} arrived corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                        f"run again, or {hint}")
-    os.replace(tmp, path)
-    return path
+        grid = [(int(h), int(d)) for d in cfg.sweep_d_model.split(",") for h in cfg.sweep_heads.split(",")]
+    except ValueError:
+        grid = []
+    if not grid or min(min(pair) for pair in grid) <= 0:
+        raise ValueError("--sweep_heads and --sweep_d_model must be comma-separated positive integers")
+    return grid
 
 
-def load_multi30k(cfg):
-    """-> {"train"|"val"|"test": (source sentences, target sentences)}, raw and untokenized."""
-    corpus = {}
-    for split, name in MULTI30K_SPLITS.items():
-        sides = []
-        for lang in (cfg.src_lang, cfg.tgt_lang):
-            path = os.path.join(cfg.data_dir, "multi30k", f"{name}.{lang}.gz")
-            download(MULTI30K_URL.format(name=f"{name}.{lang}"), path, MULTI30K_SHA256.get(f"{name}.{lang}"))
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                sides.append(f.read().split("\n")[:-1])  # one sentence per line, final newline
-        if len(sides[0]) != len(sides[1]):
-            raise UserError(f"multi30k {name}: {len(sides[0])} {cfg.src_lang} lines but {len(sides[1])} {cfg.tgt_lang}")
-        corpus[split] = tuple(sides)
-    return corpus
-
-
-def load_tsv(path):
-    """A `source<TAB>target` file -> train/val/test, holding out min(1000, 5%) pairs each for val and
-    test by a fixed shuffle (the same split on every run and every rank)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--dataset tsv:{path}: no such file")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
-                raise UserError(f"{path}, line {lineno}: expected `source<TAB>target`, got {line.rstrip()[:60]!r}")
-            pairs.append(fields)
-    if len(pairs) < 3:
-        raise UserError(f"{path} has {len(pairs)} pairs; at least 3 are needed (train, val, test)")
-    random.Random(0).shuffle(pairs)
-    n_held = max(1, min(1000, len(pairs) // 20))
-    parts = {"val": pairs[:n_held], "test": pairs[n_held:2 * n_held], "train": pairs[2 * n_held:]}
-    return {k: ([p[0] for p in v], [p[1] for p in v]) for k, v in parts.items()}
-
-
-# Byte-level BPE (Sennrich et al. 2016 on UTF-8 bytes, as GPT-2 does): the 256 bytes are the base
-# alphabet, so every string encodes, and decode(encode(s)) == s exactly. Text is first cut into
-# chunks (a word with its leading space, a digit run, a punctuation run, whitespace) that merges
-# never cross. Ids: 0 pad, 1 bos, 2 eos, 3..258 the bytes, then one id per learned merge.
-PAD, BOS, EOS = 0, 1, 2
+# --- Milestone: the Transformer (Vaswani et al. 2017) ---------------------------------------------
+PAD, BOS, EOS = 0, 1, 2  # special token ids; the tokenizer's 256 bytes and its merges come after them
 N_SPECIAL = 3
-PRETOKENIZE = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
 
 
-def _merge(ids, pair, new_id):
-    """Replace every occurrence of `pair` in `ids` by `new_id`, left to right."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-def train_bpe(texts, vocab_size):
-    """Learn merges until the vocabulary has `vocab_size` ids (or no pair occurs twice).
-    Pair counts are updated incrementally, touching only the chunks that contain the merged pair,
-    and a heap with lazy deletion finds the most frequent pair: seconds for Multi30k, not minutes."""
-    n_merges = vocab_size - N_SPECIAL - 256
-    if n_merges < 0:
-        raise UserError(f"--vocab_size must be at least {N_SPECIAL + 256} (specials + bytes), not {vocab_size}")
-    chunk_counts = Counter(c for t in texts for c in PRETOKENIZE.findall(t))
-    words = [[b + N_SPECIAL for b in c.encode("utf-8")] for c in chunk_counts]
-    freqs = list(chunk_counts.values())
-    pair_counts, where = Counter(), defaultdict(set)
-    for i, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pair_counts[p] += freqs[i]
-            where[p].add(i)
-    heap = [(-c, p) for p, c in pair_counts.items()]
-    heapq.heapify(heap)
-    merges = []
-    while len(merges) < n_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        if pair_counts.get(pair, 0) != -neg_count:
-            continue  # a stale heap entry: the pair's count changed since it was pushed
-        if -neg_count < 2:
-            break
-        new_id = N_SPECIAL + 256 + len(merges)
-        merges.append(pair)
-        touched = set()
-        for i in where.pop(pair):
-            w, f = words[i], freqs[i]
-            for p in zip(w, w[1:]):
-                pair_counts[p] -= f
-                touched.add(p)
-            w = words[i] = _merge(w, pair, new_id)
-            for p in zip(w, w[1:]):
-                pair_counts[p] += f
-                where[p].add(i)
-                touched.add(p)
-        del pair_counts[pair]
-        for p in touched - {pair}:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
-    return merges
-
-
-class BPETokenizer:
-    def __init__(self, merges):
-        self.merges = [tuple(m) for m in merges]
-        self.ranks = {m: r for r, m in enumerate(self.merges)}
-        self.vocab = [b""] * N_SPECIAL + [bytes([b]) for b in range(256)]  # id -> bytes
-        for a, b in self.merges:
-            self.vocab.append(self.vocab[a] + self.vocab[b])
-        self.cache = {}
-
-    def _encode_chunk(self, chunk):
-        ids = [b + N_SPECIAL for b in chunk.encode("utf-8")]
-        while len(ids) >= 2:  # apply the earliest-learned merge first, as in training
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            ids = _merge(ids, pair, N_SPECIAL + 256 + self.ranks[pair])
-        return ids
-
-    def encode(self, text):
-        ids = []
-        for chunk in PRETOKENIZE.findall(text):
-            if chunk not in self.cache:
-                self.cache[chunk] = self._encode_chunk(chunk)
-            ids.extend(self.cache[chunk])
-        return ids
-
-    def decode(self, ids):
-        """Specials, and ids beyond the merges learned (a corpus too small for --vocab_size), are
-        dropped; a byte sequence cut mid-character (possible in model output) decodes with U+FFFD."""
-        known = (self.vocab[i] for i in ids if N_SPECIAL <= i < len(self.vocab))
-        return b"".join(known).decode("utf-8", errors="replace")
-
-
-def load_corpus(cfg):
-    if cfg.dataset == "multi30k":
-        return load_multi30k(cfg)
-    if cfg.dataset.startswith("tsv:"):
-        return load_tsv(cfg.dataset[4:])
-    raise UserError(f"--dataset must be multi30k or tsv:PATH, not {cfg.dataset!r}")
-
-
-def prepare_data(cfg, rank=0, world_size=1):
-    """Raw corpus -> tokenizer + token ids. The BPE is learned on the joint training text (both
-    languages, so source, target and output can share one embedding, paper §3.4), cached in out_dir
-    under a key of the data and the settings, and learned by rank 0 alone."""
-    corpus = load_corpus(cfg) if rank == 0 or cfg.dataset != "multi30k" else None
-    if world_size > 1:
-        dist.barrier()  # rank 0 has downloaded what was missing
-    corpus = corpus or load_corpus(cfg)
-    train_text = corpus["train"][0] + corpus["train"][1]
-    key = hashlib.sha256("\n".join(train_text).encode() + f"|bpe-v1|{cfg.vocab_size}".encode()).hexdigest()[:16]
-    path = os.path.join(cfg.out_dir, f"bpe_{key}.json")
-    if rank == 0 and not os.path.exists(path):
-        t0 = time.time()
-        merges = train_bpe(train_text, cfg.vocab_size)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(merges, f)
-        os.replace(path + ".tmp", path)
-        print(f"learned {len(merges)} BPE merges in {time.time() - t0:.1f}s -> {path}")
-    if world_size > 1:
-        dist.barrier()
-    with open(path) as f:
-        tok = BPETokenizer(json.load(f))
-    ids = {split: ([tok.encode(s) for s in src], [tok.encode(t) for t in tgt]) for split, (src, tgt) in corpus.items()}
-    return dict(tok=tok, raw=corpus, ids=ids)
-
-
-def make_batches(src_lens, tgt_lens, max_tokens, rng=None, world_size=1):
-    """Length-bucketed dynamic batching: sort by length (randomly among equal lengths), then cut the
-    sorted list into batches whose padded size, sentences x longest side, stays within `max_tokens`.
-    Every example is in exactly one batch. The batch order is shuffled when `rng` is given. With
-    several ranks the largest batches are halved until the count divides evenly, so every rank takes
-    the same number of steps (batches[rank::world_size]) and still sees a disjoint share."""
-    order = list(range(len(src_lens)))
-    if rng is not None:
-        rng.shuffle(order)
-    order.sort(key=lambda i: (src_lens[i], tgt_lens[i]))  # stable: ties stay shuffled
-    batches, cur, cur_max = [], [], 0
-    for i in order:
-        longest = max(cur_max, src_lens[i], tgt_lens[i])
-        if cur and longest * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur, longest = [], max(src_lens[i], tgt_lens[i])
-        cur.append(i)
-        cur_max = longest
-    if cur:
-        batches.append(cur)
-    if rng is not None:
-        rng.shuffle(batches)
-    while len(batches) % world_size:
-        j = max(range(len(batches)), key=lambda b: len(batches[b]))
-        if len(batches[j]) < 2:
-            raise UserError(f"{len(src_lens)} examples cannot be shared among {world_size} ranks")
-        half = len(batches[j]) // 2
-        batches[j:j + 1] = [batches[j][:half], batches[j][half:]]
-    return batches
-
-
-def padding_fraction(batches, src_lens, tgt_lens):
-    """Fraction of the source+target tensor cells that are padding."""
-    real = padded = 0
-    for b in batches:
-        real += sum(src_lens[i] + tgt_lens[i] for i in b)
-        padded += len(b) * (max(src_lens[i] for i in b) + max(tgt_lens[i] for i in b))
-    return 1 - real / padded
-
-
-def fit_block(ids, block_size):
-    """Keep the pairs whose source + eos and bos + target both fit in block_size tokens."""
-    keep = [i for i, (s, t) in enumerate(zip(*ids)) if max(len(s), len(t)) + 1 <= block_size]
-    return [ids[0][i] for i in keep], [ids[1][i] for i in keep]
-
-
-def collate(src_ids, tgt_ids, idx, device):
-    """-> src (B, S) = tokens + eos; tgt_in (B, T) = bos + tokens; tgt_out (B, T) = tokens + eos."""
-    def pad(seqs):
-        out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            out[r, :len(s)] = torch.tensor(s)
-        return out.to(device)
-    src = pad([src_ids[i] + [EOS] for i in idx])
-    return src, pad([[BOS] + tgt_ids[i] for i in idx]), pad([tgt_ids[i] + [EOS] for i in idx])
-
-
-# --- Model ----------------------------------------------------------------------------------------
 def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0):
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V   (paper eq. 1).
     q (..., Tq, hd), k and v (..., Tk, hd). `mask` broadcasts to (..., Tq, Tk): boolean (True = may
@@ -568,12 +221,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model, n_head, dropout=0.0):
         super().__init__()
         if d_model % n_head:
-            raise UserError(f"d_model={d_model} is not divisible by n_head={n_head}")
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
         self.n_head, self.dropout = n_head, dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d_model, d_model) for _ in range(4))
         self.record_weights, self.attn_weights = False, None
 
     def _heads(self, x):
@@ -673,10 +323,9 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size, d_model=256, n_head=4, n_layer=3, d_ff=1024, dropout=0.1, norm="post",
                  pos="sinusoidal", max_rel_dist=16, block_size=256):
         super().__init__()
-        if norm not in ("post", "pre"):
-            raise UserError(f"--norm must be post or pre, not {norm!r}")
-        if pos not in ("sinusoidal", "learned", "relative", "rope"):
-            raise UserError(f"--pos must be sinusoidal, learned, relative or rope, not {pos!r}")
+        if norm not in ("post", "pre") or pos not in ("sinusoidal", "learned", "relative", "rope"):
+            raise ValueError(f"norm must be post or pre (got {norm!r}), pos sinusoidal, learned, relative or rope "
+                             f"(got {pos!r})")
         self.d_model, self.pos, self.block_size = d_model, pos, block_size
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=d_model ** -0.5)  # x sqrt(C) below -> unit variance
@@ -702,7 +351,7 @@ class Transformer(nn.Module):
         start..start+T-1 (relative and rope act inside attention instead)."""
         T = tokens.size(1)
         if start + T > self.block_size:
-            raise UserError(f"a sentence of {start + T} tokens is longer than --block_size={self.block_size}")
+            raise ValueError(f"a sentence of {start + T} tokens is longer than block_size={self.block_size}")
         x = self.embed(tokens) * math.sqrt(self.d_model)  # (B, T, C)
         if self.pos in ("sinusoidal", "learned"):
             x = x + self.pe[start:start + T]  # (B, T, C)
@@ -744,220 +393,7 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, memory, src_mask)  # (B, T, V)
 
 
-def build_model(cfg):
-    return Transformer(cfg.vocab_size, cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.dropout, cfg.norm,
-                       cfg.pos, cfg.max_rel_dist, cfg.block_size)
-
-
-# --- Training -------------------------------------------------------------------------------------
-def get_lr(step, cfg):
-    """lrate = d^-0.5 min(step^-0.5, step warmup^-1.5)   (paper eq. 3), rescaled so that the peak,
-    at step = warmup_iters, is --learning_rate (the paper's C=512, warmup 4000 peak at 7e-4)."""
-    step = max(step, 1)
-    return cfg.learning_rate * min(step / cfg.warmup_iters, math.sqrt(cfg.warmup_iters / step))
-
-
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, extra=None):
-    """Write the checkpoint to a temporary file, then rename it: a crash mid-write never destroys
-    the previous checkpoint. The RNG state makes a resumed CPU run continue exactly. `extra` holds
-    this script's additions (the BPE merges, so translation needs no data)."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
-    raw = getattr(raw, "module", raw)  # and DDP wraps it too
-    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
-    ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "best_val": best_val,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        **(extra or {}),
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, cfg):
-    """Load a checkpoint saved by this script, refusing one whose model shape differs from `cfg`."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle from elsewhere, another format
-        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
-            for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
-    return ckpt
-
-
-def log_jsonl(cfg, record):
-    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def iterate_batches(lens, cfg, rank, world_size, skip=0):
-    """Endless (epoch, batch indices) for this rank; epoch e's batches depend only on seed and e, so
-    a resumed run skips the `skip` micro-batches already seen and continues with the same data."""
-    epoch = 0
-    while True:
-        batches = make_batches(*lens, cfg.max_tokens, random.Random(cfg.seed + epoch), world_size)[rank::world_size]
-        for b in batches[skip:]:
-            yield epoch, b
-        skip = max(0, skip - len(batches))
-        epoch += 1
-
-
-@torch.no_grad()
-def evaluate_loss(model, ids, cfg, device, ctx):
-    """Mean cross-entropy per target token (no label smoothing) over a whole split (pairs that fit)."""
-    model.eval()
-    src_ids, tgt_ids = fit_block(ids, cfg.block_size)
-    lens = [len(s) + 1 for s in src_ids], [len(t) + 1 for t in tgt_ids]
-    total, count = 0.0, 0
-    for b in make_batches(*lens, cfg.max_tokens):
-        src, tgt_in, tgt_out = collate(src_ids, tgt_ids, b, device)
-        with ctx:
-            logits = model(src, tgt_in)
-        total += F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
-                                 reduction="sum").item()
-        count += (tgt_out != PAD).sum().item()
-    model.train()
-    return total / count
-
-
-def weights_hash(model):
-    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
-
-
-def train(cfg, data=None) -> dict:
-    """Train on the training split, evaluate val loss every eval_interval, and report test BLEU at
-    the end. `data` (from prepare_data) lets --mode sweep tokenize once for every run."""
-    rank, local_rank, world_size = setup_ddp()
-    master = rank == 0
-    device, ctx, scaler = setup_device(cfg, local_rank)
-    torch.manual_seed(cfg.seed + rank)
-    if cfg.max_tokens < cfg.block_size:
-        raise UserError(f"--max_tokens={cfg.max_tokens} must be at least --block_size={cfg.block_size}")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    data = data or prepare_data(cfg, rank, world_size)
-    src_ids, tgt_ids = fit_block(data["ids"]["train"], cfg.block_size)
-    if master and len(src_ids) < len(data["ids"]["train"][0]):
-        print(f"skipping {len(data['ids']['train'][0]) - len(src_ids)} training pairs longer than "
-              f"--block_size={cfg.block_size}")
-    lens = [len(s) + 1 for s in src_ids], [len(t) + 1 for t in tgt_ids]  # + eos / + bos
-    if master:
-        dyn = make_batches(*lens, cfg.max_tokens, random.Random(cfg.seed))
-        fixed_size = max(1, round(len(src_ids) / len(dyn)))  # same number of batches, random order
-        order = list(range(len(src_ids)))
-        random.Random(cfg.seed).shuffle(order)
-        fixed = [order[i:i + fixed_size] for i in range(0, len(order), fixed_size)]
-        print(f"{len(src_ids)} training pairs, {len(dyn)} batches/epoch; padding: token-budget batches "
-              f"{padding_fraction(dyn, *lens):.1%}, random batches of {fixed_size} "
-              f"{padding_fraction(fixed, *lens):.1%}")
-
-    model = build_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-9)
-    step, best_val = 0, float("inf")
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        if world_size == 1:  # the exact continuation: same dropout masks
-            torch.set_rng_state(ckpt["rng"]["torch"])
-        else:  # one saved state cannot serve several ranks: fresh, still rank-distinct streams
-            torch.manual_seed(cfg.seed + rank + 7919 * step)
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    elif cfg.init_from != "scratch":
-        raise UserError(f"--init_from must be scratch or resume, not {cfg.init_from!r}")
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in device else None)
-    if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer}+{cfg.n_layer} layers, d_model {cfg.d_model}, "
-              f"{cfg.n_head} heads, {cfg.norm}-LN, {cfg.pos} positions")
-
-    batches = iterate_batches(lens, cfg, rank, world_size, skip=step * cfg.gradient_accumulation_steps)
-    t0, t_start, n_tok, loss_sum, loss_n, val_loss = time.time(), time.time(), 0, 0.0, 0, None
-    model.train()
-    while step < cfg.max_iters:
-        lr = get_lr(step + 1, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
-            epoch, b = next(batches)
-            src, tgt_in, tgt_out = collate(src_ids, tgt_ids, b, device)
-            sync = world_size == 1 or micro == cfg.gradient_accumulation_steps - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                logits = model(src, tgt_in)  # (B, T, V)
-                # label smoothing (§5.4): the target distribution puts 1 - eps on the right token
-                loss = F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
-                                       label_smoothing=cfg.label_smoothing)
-                loss = loss / cfg.gradient_accumulation_steps
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1 / cfg.gradient_accumulation_steps
-            n_tok += (tgt_out != PAD).sum().item()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-            dt = time.time() - t0
-            print(f"step {step:5d} | epoch {epoch} | loss {loss_sum / loss_n:.4f} | lr {lr:.2e} | "
-                  f"{n_tok * world_size / dt:,.0f} tgt tok/s | {1000 * dt / loss_n:.0f} ms/step")
-            t0, n_tok, loss_sum, loss_n = time.time(), 0, 0.0, 0
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = evaluate_loss(raw_model, data["ids"]["val"], cfg, device, ctx)
-            if master:
-                record = dict(step=step, epoch=epoch, val_loss=val_loss, lr=lr, time=time.time() - t_start)
-                print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})")
-                log_jsonl(cfg, record)
-                if val_loss < best_val or cfg.always_save_checkpoint:
-                    best_val = min(best_val, val_loss)
-                    save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, best_val,
-                                    extra={"bpe_merges": [list(m) for m in data["tok"].merges]})
-    if val_loss is None:  # resumed at max_iters: nothing was trained or evaluated
-        val_loss = evaluate_loss(raw_model, data["ids"]["val"], cfg, device, ctx)
-    metrics = dict(step=step, val_loss=val_loss, train_time=time.time() - t_start)
-    if world_size > 1:
-        print(f"rank {rank}: final weights sha256 {weights_hash(raw_model)}")  # the same on every rank
-    if master:
-        t1 = time.time()
-        hyps = translate_corpus(raw_model, data["tok"], data["raw"]["test"][0], cfg, device, ctx)
-        metrics.update(test_bleu=corpus_bleu(hyps, data["raw"]["test"][1]), decode_time=time.time() - t1,
-                       params=sum(p.numel() for p in raw_model.parameters()))
-        print(f"test BLEU {metrics['test_bleu']:.2f} (sacreBLEU-equal: 13a, cased, detokenized; beam {cfg.beam}, "
-              f"length penalty {cfg.length_penalty}) | train {metrics['train_time']:.0f}s, "
-              f"decode {metrics['decode_time']:.0f}s")
-        log_jsonl(cfg, dict(step=step, test_bleu=metrics["test_bleu"], beam=cfg.beam,
-                            length_penalty=cfg.length_penalty))
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
-
-
-# --- Evaluation / inference -----------------------------------------------------------------------
+# --- Milestone: decoding, greedy and beam search with a KV cache ----------------------------------
 @torch.no_grad()
 def greedy_decode(model, src, max_len):
     """Pick the most probable next token at every step. src (B, S) -> (B, <= max_len) tokens after
@@ -977,13 +413,13 @@ def greedy_decode(model, src, max_len):
 
 
 @torch.no_grad()
-def beam_search(model, src, max_len, beam=4, alpha=0.6):
-    """Keep the `beam` best prefixes per sentence, all sentences in one batch of B*beam rows.
+def beam_search(model, src, max_len, beam_size=4, alpha=0.6):
+    """Keep the `beam_size` best prefixes per sentence, all sentences in one batch of B*K rows.
     Prefixes compete on their summed log-probability; a finished one stays in the beam (it can only
     add eos at no cost) until all have finished; the winner maximizes the GNMT score
     log P / lp(len), lp = ((5 + len) / 6)^alpha (Wu et al. 2016 §7), so longer outputs are not
-    unfairly penalized. beam=1 is greedy. src (B, S) -> (B, <= max_len) tokens after bos."""
-    B, K = src.size(0), beam
+    unfairly penalized. beam_size=1 is greedy. src (B, S) -> (B, <= max_len) tokens after bos."""
+    B, K = src.size(0), beam_size
     memory, src_mask = model.encode(src)
     memory, src_mask = memory.repeat_interleave(K, 0), src_mask.repeat_interleave(K, 0)  # (B*K, S, C)
     cache = model.new_cache()
@@ -1015,24 +451,512 @@ def beam_search(model, src, max_len, beam=4, alpha=0.6):
     return tokens[best, 1:]
 
 
+# --- Milestone: byte-level BPE (Sennrich et al. 2016) ---------------------------------------------
+# On UTF-8 bytes, as GPT-2 does: the 256 bytes are the base alphabet, so every string encodes and
+# decode(encode(s)) == s exactly. Text is first cut into chunks (a word with its leading space, a
+# digit run, a punctuation run, whitespace) that merges never cross. Ids: 0 pad, 1 bos, 2 eos,
+# 3..258 the bytes, then one id per learned merge.
+PRETOKENIZE = re.compile(r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
+
+
+def _merge(ids, pair, new_id):
+    """Replace every occurrence of `pair` in `ids` by `new_id`, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_bpe(texts, vocab_size):
+    """Learn merges until the vocabulary has `vocab_size` ids (or no pair occurs twice).
+    Pair counts are updated incrementally, touching only the chunks that contain the merged pair,
+    and a heap with lazy deletion finds the most frequent pair: seconds for Multi30k, not minutes."""
+    n_merges = vocab_size - N_SPECIAL - 256
+    if n_merges < 0:
+        raise ValueError(f"vocab_size must be at least {N_SPECIAL + 256} (specials + bytes), not {vocab_size}")
+    chunk_counts = Counter(c for t in texts for c in PRETOKENIZE.findall(t))
+    words = [[b + N_SPECIAL for b in c.encode("utf-8")] for c in chunk_counts]
+    freqs = list(chunk_counts.values())
+    pair_counts, where = Counter(), defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pair_counts[p] += freqs[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < n_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg_count:
+            continue  # a stale heap entry: the pair's count changed since it was pushed
+        if -neg_count < 2:
+            break
+        new_id = N_SPECIAL + 256 + len(merges)
+        merges.append(pair)
+        touched = set()
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            for p in zip(w, w[1:]):
+                pair_counts[p] -= f
+                touched.add(p)
+            w = words[i] = _merge(w, pair, new_id)
+            for p in zip(w, w[1:]):
+                pair_counts[p] += f
+                where[p].add(i)
+                touched.add(p)
+        del pair_counts[pair]
+        for p in touched - {pair}:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return merges
+
+
+class BPETokenizer:
+    def __init__(self, merges):
+        self.merges = [tuple(m) for m in merges]
+        self.ranks = {m: r for r, m in enumerate(self.merges)}
+        self.vocab = [b""] * N_SPECIAL + [bytes([b]) for b in range(256)]  # id -> bytes
+        for a, b in self.merges:
+            self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.cache = {}
+
+    def _encode_chunk(self, chunk):
+        ids = [b + N_SPECIAL for b in chunk.encode("utf-8")]
+        while len(ids) >= 2:  # apply the earliest-learned merge first, as in training
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            ids = _merge(ids, pair, N_SPECIAL + 256 + self.ranks[pair])
+        return ids
+
+    def encode(self, text):
+        ids = []
+        for chunk in PRETOKENIZE.findall(text):
+            if chunk not in self.cache:
+                self.cache[chunk] = self._encode_chunk(chunk)
+            ids.extend(self.cache[chunk])
+        return ids
+
+    def decode(self, ids):
+        """Specials, and ids beyond the merges learned (a corpus too small for --vocab_size), are
+        dropped; a byte sequence cut mid-character (possible in model output) decodes with U+FFFD."""
+        known = (self.vocab[i] for i in ids if N_SPECIAL <= i < len(self.vocab))
+        return b"".join(known).decode("utf-8", errors="replace")
+
+
+# --- Data -----------------------------------------------------------------------------------------
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.gz"
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+MULTI30K_SHA256 = {  # of the .gz files (shared/data/MANIFEST.md); other languages are not pinned
+    "train.de": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "val.de": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "test_2016_flickr.de": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+}
+
+
+def load_multi30k(cfg):
+    """-> {"train"|"val"|"test": (source sentences, target sentences)}, raw and untokenized."""
+    corpus = {}
+    for split, name in MULTI30K_SPLITS.items():
+        sides = []
+        for lang in (cfg.src_lang, cfg.tgt_lang):
+            path = os.path.join(cfg.data_dir, "multi30k", f"{name}.{lang}.gz")
+            download(MULTI30K_URL.format(name=f"{name}.{lang}"), path, MULTI30K_SHA256.get(f"{name}.{lang}"),
+                     magic=b"\x1f\x8b")  # gzip: an unpinned file is checked by its first bytes
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                sides.append(f.read().split("\n")[:-1])  # one sentence per line, final newline
+        if len(sides[0]) != len(sides[1]):
+            raise UserError(f"multi30k {name}: {len(sides[0])} {cfg.src_lang} lines, {len(sides[1])} {cfg.tgt_lang}")
+        corpus[split] = tuple(sides)
+    return corpus
+
+
+def load_tsv(path):
+    """A `source<TAB>target` file -> train/val/test, holding out min(1000, 5%) pairs each for val and
+    test by a fixed shuffle (the same split on every run and every rank)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--dataset tsv:{path}: there is no such file")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+                raise UserError(f"{path}, line {lineno}: expected `source<TAB>target`, got {line.rstrip()[:60]!r}")
+            pairs.append(fields)
+    if len(pairs) < 3:
+        raise UserError(f"{path} has {len(pairs)} pairs; at least 3 are needed (train, val, test)")
+    random.Random(0).shuffle(pairs)
+    n_held = max(1, min(1000, len(pairs) // 20))
+    parts = {"val": pairs[:n_held], "test": pairs[n_held:2 * n_held], "train": pairs[2 * n_held:]}
+    return {k: ([p[0] for p in v], [p[1] for p in v]) for k, v in parts.items()}
+
+
+def load_corpus(cfg):
+    return load_multi30k(cfg) if cfg.dataset == "multi30k" else load_tsv(cfg.dataset[len("tsv:"):])
+
+
+def prepare_data(cfg, rank=0, world_size=1):
+    """Raw corpus -> tokenizer + token ids. The BPE is learned on the joint training text (both
+    languages, so source, target and output can share one embedding, paper §3.4), cached in out_dir
+    under a key of the data and the settings, and learned by rank 0 alone."""
+    corpus = load_corpus(cfg) if rank == 0 or cfg.dataset != "multi30k" else None
+    if world_size > 1:
+        dist.barrier()  # rank 0 has downloaded what was missing
+    corpus = corpus or load_corpus(cfg)
+    train_text = corpus["train"][0] + corpus["train"][1]
+    key = hashlib.sha256("\n".join(train_text).encode() + f"|bpe-v1|{cfg.vocab_size}".encode()).hexdigest()[:16]
+    path = os.path.join(cfg.out_dir, f"bpe_{key}.json")
+    if rank == 0 and not os.path.exists(path):
+        t0 = time.time()
+        merges = train_bpe(train_text, cfg.vocab_size)
+        with open(path + ".tmp", "w") as f:
+            json.dump(merges, f)
+        os.replace(path + ".tmp", path)
+        print(f"learned {len(merges)} BPE merges in {time.time() - t0:.1f}s -> {path}")
+    if world_size > 1:
+        dist.barrier()
+    with open(path) as f:
+        tok = BPETokenizer(json.load(f))
+    ids = {split: tuple([tok.encode(s) for s in side] for side in sides) for split, sides in corpus.items()}
+    return dict(tok=tok, raw=corpus, ids=ids)
+
+
+def make_batches(src_lens, tgt_lens, max_tokens, rng=None, world_size=1):
+    """Length-bucketed dynamic batching: sort by length (randomly among equal lengths), then cut the
+    sorted list into batches whose padded size, sentences x longest side, stays within `max_tokens`.
+    Every example is in exactly one batch. The batch order is shuffled when `rng` is given. With
+    several ranks the largest batches are halved until the count divides evenly, so every rank takes
+    the same number of steps (batches[rank::world_size]) and still sees a disjoint share."""
+    order = list(range(len(src_lens)))
+    if rng is not None:
+        rng.shuffle(order)
+    order.sort(key=lambda i: (src_lens[i], tgt_lens[i]))  # stable: ties stay shuffled
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        longest = max(cur_max, src_lens[i], tgt_lens[i])
+        if cur and longest * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest = [], max(src_lens[i], tgt_lens[i])
+        cur.append(i)
+        cur_max = longest
+    if cur:
+        batches.append(cur)
+    if rng is not None:
+        rng.shuffle(batches)
+    while len(batches) % world_size:
+        j = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[j]) < 2:
+            raise UserError(f"{len(src_lens)} examples cannot be shared among {world_size} ranks")
+        half = len(batches[j]) // 2
+        batches[j:j + 1] = [batches[j][:half], batches[j][half:]]
+    return batches
+
+
+def padding_fraction(batches, src_lens, tgt_lens):
+    """Fraction of the source+target tensor cells that are padding."""
+    real = padded = 0
+    for b in batches:
+        real += sum(src_lens[i] + tgt_lens[i] for i in b)
+        padded += len(b) * (max(src_lens[i] for i in b) + max(tgt_lens[i] for i in b))
+    return 1 - real / padded
+
+
+def fit_block(ids, block_size):
+    """Keep the pairs whose source + eos and bos + target both fit in block_size tokens."""
+    keep = [i for i, (s, t) in enumerate(zip(*ids)) if max(len(s), len(t)) + 1 <= block_size]
+    if not keep:
+        raise UserError(f"no sentence pair of the split fits in --block_size={block_size} tokens")
+    return [ids[0][i] for i in keep], [ids[1][i] for i in keep]
+
+
+def training_pairs(data, cfg, verbose=True):
+    """-> the training pairs that fit and their lengths with eos / bos; prints how many were skipped
+    and how much padding the token-budget batches save over random batches of the same count."""
+    src_ids, tgt_ids = fit_block(data["ids"]["train"], cfg.block_size)
+    lens = [len(s) + 1 for s in src_ids], [len(t) + 1 for t in tgt_ids]  # + eos / + bos
+    if verbose:
+        if n_long := len(data["ids"]["train"][0]) - len(src_ids):
+            print(f"skipping {n_long} training pairs longer than --block_size={cfg.block_size}")
+        dyn = make_batches(*lens, cfg.max_tokens, random.Random(cfg.seed))
+        fixed_size = max(1, round(len(src_ids) / len(dyn)))  # same number of batches, random order
+        order = list(range(len(src_ids)))
+        random.Random(cfg.seed).shuffle(order)
+        fixed = [order[i:i + fixed_size] for i in range(0, len(order), fixed_size)]
+        print(f"{len(src_ids)} training pairs, {len(dyn)} batches/epoch; padding: token-budget batches "
+              f"{padding_fraction(dyn, *lens):.1%}, random batches of {fixed_size} "
+              f"{padding_fraction(fixed, *lens):.1%}")
+    return src_ids, tgt_ids, lens
+
+
+def collate(src_ids, tgt_ids, idx, device):
+    """-> src (B, S) = tokens + eos; tgt_in (B, T) = bos + tokens; tgt_out (B, T) = tokens + eos."""
+    def pad(seqs):
+        out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            out[r, :len(s)] = torch.tensor(s)
+        return out.to(device)
+    src = pad([src_ids[i] + [EOS] for i in idx])
+    return src, pad([[BOS] + tgt_ids[i] for i in idx]), pad([tgt_ids[i] + [EOS] for i in idx])
+
+
+def iterate_batches(lens, cfg, rank, world_size, skip=0):
+    """Endless (epoch, batch indices) for this rank; epoch e's batches depend only on seed and e, so
+    a resumed run skips the `skip` micro-batches already seen and continues with the same data."""
+    epoch = 0
+    while True:
+        batches = make_batches(*lens, cfg.max_tokens, random.Random(cfg.seed + epoch), world_size)[rank::world_size]
+        for b in batches[skip:]:
+            yield epoch, b
+        skip = max(0, skip - len(batches))
+        epoch += 1
+
+
+# --- Training -------------------------------------------------------------------------------------
+def get_lr(cfg, step):
+    """lrate = d^-0.5 min(step^-0.5, step warmup^-1.5)   (paper eq. 3), rescaled so that the peak,
+    at step = warmup_iters, is --learning_rate (the paper's C=512, warmup 4000 peak at 7e-4)."""
+    step = max(step, 1)
+    return cfg.learning_rate * min(step / cfg.warmup_iters, math.sqrt(cfg.warmup_iters / step))
+
+
+def init_model(cfg, device, rank=0, world_size=1):
+    """The Transformer of the flags on `device` and its Adam (paper §5.3). --mode train starts from
+    scratch or, with --init_from=resume, continues out_dir/ckpt.pt exactly (weights, optimizer,
+    random stream); the other modes load the trained weights from it. -> (model, optimizer, ckpt)."""
+    model = Transformer(cfg.vocab_size, cfg.d_model, cfg.n_head, cfg.n_layer, cfg.d_ff, cfg.dropout, cfg.norm,
+                        cfg.pos, cfg.max_rel_dist, cfg.block_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-9)
+    path, ckpt = os.path.join(cfg.out_dir, "ckpt.pt"), None
+    if cfg.mode != "train":
+        ckpt = load_checkpoint(path, cfg, stage="train")
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+    elif cfg.init_from == "resume":
+        ckpt = resume(path, cfg, model, optimizer, rank, world_size, stage="train")
+        if rank == 0:
+            print(f"resumed from {path} at step {ckpt['step']}")
+    return model, optimizer, ckpt
+
+
+def train(cfg, data=None) -> dict:
+    """Train on the training split, evaluate val loss every eval_interval, and report test BLEU at
+    the end. `data` (from prepare_data) lets --mode sweep tokenize once for every run."""
+    rank, local_rank, world_size = setup_ddp()
+    master = rank == 0
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-batches "
+                        f"over all ranks: make it a multiple of the {world_size} ranks")
+    grad_accum = cfg.gradient_accumulation_steps // world_size  # micro-batches on this rank
+    device, ctx, scaler = setup_device(cfg, local_rank)
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: scale(), step() pass through
+    torch.manual_seed(cfg.seed + rank)
+    data = data or prepare_data(cfg, rank, world_size)
+    src_ids, tgt_ids, lens = training_pairs(data, cfg, verbose=master)
+    model, optimizer, ckpt = init_model(cfg, device, rank, world_size)
+    step, best_val = (ckpt["step"], ckpt["best_val"]) if ckpt else (0, float("inf"))
+    raw_model, ckpt_path = model, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in device else None)
+    if master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer}+{cfg.n_layer} layers, d_model {cfg.d_model}, "
+              f"{cfg.n_head} heads, {cfg.norm}-LN, {cfg.pos} positions")
+
+    batches = iterate_batches(lens, cfg, rank, world_size, skip=step * grad_accum)
+    t0 = t_start = time.time()
+    n_tok, loss_sum, last_log, val_loss = 0, 0.0, step, None
+    model.train()
+    while step < cfg.max_iters:
+        lr = get_lr(cfg, step + 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(grad_accum):
+            epoch, b = next(batches)
+            src, tgt_in, tgt_out = collate(src_ids, tgt_ids, b, device)
+            if world_size > 1:  # all-reduce the gradients once, on the last micro-batch
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with ctx:
+                logits = model(src, tgt_in)  # (B, T, V)
+                # label smoothing (§5.4): the target distribution puts 1 - eps on the right token
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
+                                       label_smoothing=cfg.label_smoothing) / grad_accum
+            scaler.scale(loss).backward()
+            loss_sum, n_tok = loss_sum + loss.item(), n_tok + (tgt_out != PAD).sum().item()
+        scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
+            dt, n_steps = time.time() - t0, step - last_log
+            print(f"step {step:5d} | epoch {epoch} | loss {loss_sum / n_steps:.4f} | lr {lr:.2e} | "
+                  f"{n_tok * world_size / dt:,.0f} tgt tok/s | {1000 * dt / n_steps:.0f} ms/step")
+            t0, n_tok, loss_sum, last_log = time.time(), 0, 0.0, step
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            val_loss = evaluate(raw_model, data, cfg, device, ctx)["val_loss"]
+            if master:
+                print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})")
+                log_jsonl(cfg, dict(step=step, epoch=epoch, val_loss=val_loss, lr=lr, time=time.time() - t_start))
+                if val_loss < best_val or cfg.always_save_checkpoint:
+                    best_val = min(best_val, val_loss)
+                    save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, best_val,
+                                    bpe_merges=[list(m) for m in data["tok"].merges])
+    if val_loss is None:  # resumed at max_iters: nothing was trained or evaluated
+        val_loss = evaluate(raw_model, data, cfg, device, ctx)["val_loss"]
+    metrics = dict(step=step, val_loss=val_loss, train_time=time.time() - t_start,
+                   params=sum(p.numel() for p in raw_model.parameters()))
+    if world_size > 1:
+        print(f"rank {rank}: final weights fingerprint {fingerprint(raw_model)}")  # the same on every rank
+    if master:
+        metrics.update(evaluate(raw_model, data, cfg, device, ctx, metrics=("test_bleu",)))
+        print(f"test BLEU {metrics['test_bleu']:.2f} (sacreBLEU-equal: 13a, cased, detokenized; beam "
+              f"{cfg.beam_size}, length penalty {cfg.length_penalty}) | train {metrics['train_time']:.0f}s, "
+              f"decode {metrics['decode_time']:.0f}s")
+        log_jsonl(cfg, dict(step=step, test_bleu=metrics["test_bleu"], beam_size=cfg.beam_size,
+                            length_penalty=cfg.length_penalty))
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+# --- Evaluation / inference -----------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, data, cfg, device, ctx, metrics=("val_loss",)):
+    """-> {"val_loss": mean cross-entropy per target token over the val pairs that fit, without label
+    smoothing} and, when asked, {"test_bleu", "decode_time"}: the test split translated and scored."""
+    was_training, out = model.training, {}
+    model.eval()
+    if "val_loss" in metrics:
+        src_ids, tgt_ids = fit_block(data["ids"]["val"], cfg.block_size)
+        total = count = 0
+        for b in make_batches([len(s) + 1 for s in src_ids], [len(t) + 1 for t in tgt_ids], cfg.max_tokens):
+            src, tgt_in, tgt_out = collate(src_ids, tgt_ids, b, device)
+            with ctx:
+                logits = model(src, tgt_in)
+            total += F.cross_entropy(logits.float().flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
+                                     reduction="sum").item()
+            count += (tgt_out != PAD).sum().item()
+        out["val_loss"] = total / count
+    if "test_bleu" in metrics:
+        t0 = time.time()
+        hyps = translate_corpus(model, data["tok"], data["raw"]["test"][0], cfg, device, ctx)
+        out.update(test_bleu=corpus_bleu(hyps, data["raw"]["test"][1]), decode_time=time.time() - t0)
+    model.train(was_training)
+    return out
+
+
 def translate_corpus(model, tok, sentences, cfg, device, ctx):
     """Raw source sentences -> detokenized translations, decoded in length-sorted batches."""
-    model.eval()
     src_ids = [tok.encode(s)[:cfg.block_size - 1] for s in sentences]
     lens = [len(s) + 1 for s in src_ids]
     out = [None] * len(src_ids)
-    for idx in make_batches(lens, lens, max(cfg.block_size, cfg.max_tokens // max(cfg.beam, 1))):
+    for idx in make_batches(lens, lens, max(cfg.block_size, cfg.max_tokens // cfg.beam_size)):
         src, _, _ = collate(src_ids, src_ids, idx, device)
         max_len = min(cfg.block_size, int(1.5 * src.size(1)) + 10)
         with ctx:
-            hyp = greedy_decode(model, src, max_len) if cfg.beam <= 1 else \
-                beam_search(model, src, max_len, cfg.beam, cfg.length_penalty)
+            hyp = beam_search(model, src, max_len, cfg.beam_size, cfg.length_penalty) if cfg.beam_size > 1 else \
+                greedy_decode(model, src, max_len)
         for i, row in zip(idx, hyp.tolist()):
             out[i] = tok.decode(row[:row.index(EOS)] if EOS in row else row)
     return out
 
 
-# --- BLEU as sacreBLEU computes it (the same code is in 01_lstm_seq2seq.py and 02_transformer_mt.py) ---
+def load_trained(cfg):
+    """-> (model, tokenizer, device, ctx) from out_dir/ckpt.pt, for the modes after training."""
+    device, ctx, _ = setup_device(cfg)
+    model, _, ckpt = init_model(cfg, device)
+    return model, BPETokenizer(ckpt["bpe_merges"]), device, ctx
+
+
+def translate_text(cfg):
+    """--mode translate: print the translation of --text."""
+    model, tok, device, ctx = load_trained(cfg)
+    print(translate_corpus(model, tok, [cfg.text], cfg, device, ctx)[0])
+
+
+def score_bleu(cfg):
+    """--mode bleu: translate the test split with the checkpoint and score it."""
+    model, tok, device, ctx = load_trained(cfg)
+    bleu = evaluate(model, dict(tok=tok, raw=load_corpus(cfg)), cfg, device, ctx, metrics=("test_bleu",))["test_bleu"]
+    print(f"test BLEU {bleu:.2f} (beam {cfg.beam_size}, length penalty {cfg.length_penalty})")
+
+
+def plot_attention(cfg):
+    """--mode attention: translate --text greedily, run the pair once more with every attention layer
+    recording, and save three PNGs (encoder self-, decoder self-, cross-attention), layer x head grids."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--mode attention needs matplotlib: pip install matplotlib") from None
+    model, tok, device, ctx = load_trained(cfg)
+    hyp = translate_corpus(model, tok, [cfg.text], dataclasses.replace(cfg, beam_size=1), device, ctx)[0]
+    src, tgt_in, _ = collate([tok.encode(cfg.text)[:cfg.block_size - 1]], [tok.encode(hyp)[:cfg.block_size - 1]],
+                             [0], device)
+    attns = {"encoder": [l.self_attn for l in model.encoder], "decoder": [l.self_attn for l in model.decoder],
+             "cross": [l.cross_attn for l in model.decoder]}
+    for m in sum(attns.values(), []):
+        m.record_weights = True
+    with torch.no_grad(), ctx:
+        model(src, tgt_in)
+    src_lab, tgt_lab = ([tok.decode([i]).replace(" ", "▁") if i >= N_SPECIAL else ["<pad>", "<bos>", "<eos>"][i]
+                         for i in t[0].tolist()] for t in (src, tgt_in))
+    paths = []
+    for kind, mods in attns.items():
+        rows, cols = (src_lab, src_lab) if kind == "encoder" else (tgt_lab, src_lab if kind == "cross" else tgt_lab)
+        fig, axes = plt.subplots(len(mods), cfg.n_head, figsize=(2.6 * cfg.n_head + 1, 2.6 * len(mods) + 1),
+                                 squeeze=False)
+        for li, m in enumerate(mods):
+            for h, ax in enumerate(axes[li]):
+                ax.imshow(m.attn_weights[0, h].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+                ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=6)
+                ax.set_yticks(range(len(rows)), rows, fontsize=6)
+                ax.set_title(f"layer {li} head {h}", fontsize=8)
+        fig.suptitle(f"{kind} attention: {cfg.text!r} -> {hyp!r}", fontsize=9)
+        fig.tight_layout()
+        paths.append(os.path.join(cfg.out_dir, f"attention_{kind}.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    print(f"{cfg.text} -> {hyp}\nwrote {', '.join(paths)}")
+
+
+def sweep(cfg):
+    """--mode sweep, the learner's Table 3 (paper §6.2): train every (n_head, d_model) pair for the
+    same number of steps and tabulate parameters, val loss, test BLEU and time in out_dir/sweep.md."""
+    data = prepare_data(cfg)
+    lines = [f"Multi30k-style sweep: {cfg.max_iters} steps of <= {cfg.max_tokens} tokens, {cfg.n_layer}+{cfg.n_layer}"
+             f" layers, d_ff = 4 d_model, beam {cfg.beam_size}, dataset {cfg.dataset}", "",
+             "| n_head | d_model | params | val loss | test BLEU | train s |", "|---:|---:|---:|---:|---:|---:|"]
+    for n_head, d_model in sweep_grid(cfg):
+        run = dataclasses.replace(cfg, n_head=n_head, d_model=d_model, d_ff=4 * d_model, mode="train",
+                                  init_from="scratch", out_dir=os.path.join(cfg.out_dir, f"h{n_head}_d{d_model}"))
+        os.makedirs(run.out_dir, exist_ok=True)
+        print(f"--- sweep: n_head={n_head} d_model={d_model} ---")
+        m = train(run, data)
+        lines.append(f"| {n_head} | {d_model} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
+                     f"{m['test_bleu']:.2f} | {m['train_time']:.0f} |")
+    path = os.path.join(cfg.out_dir, "sweep.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]) + f"\n-> {path}")
+    return path
+
+
+# --- Evaluation: BLEU as sacreBLEU computes it (the same code is in 01_lstm_seq2seq.py) -----------
 _BLEU_13A_RULES = [
     (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # split off ASCII punctuation and symbols
     (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # a period or comma not preceded by a digit...
@@ -1095,111 +1019,217 @@ def corpus_bleu(hypotheses, references, max_n=4):
     return 100.0 * brevity_penalty * math.exp(sum(log_precisions) / max_n)
 
 
-def load_for_inference(cfg):
-    """-> (model, tokenizer, device, ctx) from out_dir/ckpt.pt."""
-    device, ctx, _ = setup_device(cfg)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
-    model = build_model(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), BPETokenizer(ckpt["bpe_merges"]), device, ctx
-
-
-def plot_attention(model, tok, text, cfg, device, ctx):
-    """Translate `text` greedily, run the pair once more with every attention layer recording, and
-    save three PNGs (encoder self-, decoder self-, cross-attention), each a layer x head grid."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--mode attention needs matplotlib: pip install matplotlib") from None
-    hyp = translate_corpus(model, tok, [text], dataclasses.replace(cfg, beam=1), device, ctx)[0]
-    src_ids, tgt_ids = [tok.encode(text)[:cfg.block_size - 1]], [tok.encode(hyp)[:cfg.block_size - 1]]
-    src, tgt_in, _ = collate(src_ids, tgt_ids, [0], device)
-    attns = {"encoder": [l.self_attn for l in model.encoder], "decoder": [l.self_attn for l in model.decoder],
-             "cross": [l.cross_attn for l in model.decoder]}
-    for mods in attns.values():
-        for m in mods:
-            m.record_weights = True
-    with torch.no_grad(), ctx:
-        model(src, tgt_in)
-    label = lambda ids: [tok.decode([i]).replace(" ", "▁") if i >= N_SPECIAL else ["<pad>", "<bos>", "<eos>"][i]
-                         for i in ids]
-    src_lab, tgt_lab = label(src[0].tolist()), label(tgt_in[0].tolist())
-    axes_labels = {"encoder": (src_lab, src_lab), "decoder": (tgt_lab, tgt_lab), "cross": (tgt_lab, src_lab)}
-    paths = []
-    for kind, mods in attns.items():
-        rows, cols = axes_labels[kind]
-        n_layer, n_head = len(mods), mods[0].n_head
-        fig, axes = plt.subplots(n_layer, n_head, figsize=(2.6 * n_head + 1, 2.6 * n_layer + 1), squeeze=False)
-        for li, m in enumerate(mods):
-            m.record_weights = False
-            for h in range(n_head):
-                ax = axes[li][h]
-                ax.imshow(m.attn_weights[0, h].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-                ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=6)
-                ax.set_yticks(range(len(rows)), rows, fontsize=6)
-                ax.set_title(f"layer {li} head {h}", fontsize=8)
-        fig.suptitle(f"{kind} attention: {text!r} -> {hyp!r}", fontsize=9)
-        fig.tight_layout()
-        path = os.path.join(cfg.out_dir, f"attention_{kind}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return hyp, paths
-
-
-def sweep(cfg):
-    """The learner's Table 3 (paper §6.2): train every (n_head, d_model) pair for the same number of
-    steps and tabulate parameters, val loss, test BLEU and time in out_dir/sweep.md."""
-    try:
-        grid = [(int(h), int(d)) for d in cfg.sweep_d_model.split(",") for h in cfg.sweep_heads.split(",")]
-    except ValueError:
-        raise UserError("--sweep_heads/--sweep_d_model must be comma-separated integers") from None
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    data = prepare_data(cfg)
-    lines = [f"Multi30k-style sweep: {cfg.max_iters} steps of <= {cfg.max_tokens} tokens, {cfg.n_layer}+{cfg.n_layer} "
-             f"layers, d_ff = 4 d_model, beam {cfg.beam}, dataset {cfg.dataset}", "",
-             "| n_head | d_model | params | val loss | test BLEU | train s |", "|---:|---:|---:|---:|---:|---:|"]
-    for n_head, d_model in grid:
-        run = dataclasses.replace(cfg, n_head=n_head, d_model=d_model, d_ff=4 * d_model, mode="train",
-                                  init_from="scratch", out_dir=os.path.join(cfg.out_dir, f"h{n_head}_d{d_model}"))
-        print(f"--- sweep: n_head={n_head} d_model={d_model} ---")
-        m = train(run, data)
-        lines.append(f"| {n_head} | {d_model} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
-                     f"{m['test_bleu']:.2f} | {m['train_time']:.0f} |")
-    path = os.path.join(cfg.out_dir, "sweep.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[2:]) + f"\n-> {path}")
-    return path
-
-
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
+    return run_cli({"train": train, "translate": translate_text, "attention": plot_attention, "bleu": score_bleu,
+                    "sweep": sweep}, argv)
+
+
+# --- Plumbing: the same in every script ----------------------------------------------------------
+# Flags, devices, DDP, downloads, checkpoints, logs: byte-identical in all seven scripts (a test
+# compares them), so read it once. What differs per script comes from the constants beside Config
+# (SCRIPT_NAME, PRESETS, DEFAULT_PRESET, RULES, MODEL_KEYS) and from its check_config(cfg).
+class UserError(Exception):
+    """A problem the user can fix (missing data, a foreign checkpoint): one `error:` line, exit 1."""
+
+
+def parse_args(argv=None) -> Config:
+    """`--preset NAME` (then PRESETS["NAME/<mode>"] if there is one), then `--field=value` or
+    `--field value` for any Config field, then RULES and check_config. A bad flag or value exits
+    with status 2 and names the flag; --help lists every field with its default and comment."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
+
+    def fail(msg):
+        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        sys.exit(2)
+
+    if "-h" in argv or "--help" in argv:
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+        print(f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(presets)}] [--field=value ...]")
+        for name, f in {"preset": dataclasses.field(default=DEFAULT_PRESET), **fields}.items():
+            print(f"  --{name}={f.default!s}".ljust(36) + helps.get(name, "overrides applied before the flags"))
+        sys.exit(0)
+    overrides, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or (name not in fields and name != "preset"):
+            fail(f"unknown flag {argv[i]}" if argv[i].startswith("--") else f"unexpected argument {argv[i]!r}")
+        kind = fields[name].type if name in fields else str
+        if not eq:  # `--name value`, or a bare boolean flag meaning true
+            bare = kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if not bare and i + 1 == len(argv):
+                fail(f"--{name} needs a value")
+            value, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        i += 1
+        try:
+            overrides[name] = bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            fail(f"--{name} expects {kind.__name__}, got {value!r}")
+    preset = overrides.pop("preset", DEFAULT_PRESET)
+    if preset not in presets:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    mode = overrides.get("mode", PRESETS[preset].get("mode", Config.mode))
+    cfg = Config(**{**PRESETS[preset], **PRESETS.get(f"{preset}/{mode}", {}), **overrides})
+    bounds = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    for name, rule in RULES.items():  # a tuple lists the allowed values; a string bounds a number
+        value, choices = getattr(cfg, name), isinstance(rule, tuple)
+        if not (value in rule if choices else math.isfinite(value) and bounds[rule](value)):
+            fail(f"--{name} must be {'one of ' + ', '.join(map(str, rule)) if choices else rule}, not {value!r}")
+    try:
+        check_config(cfg)  # the rules that tie several flags together
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def run_cli(modes, argv=None):
+    """Parse the flags, check --device and --out_dir before any work, run modes[cfg.mode](cfg).
+    A UserError ends the run with its message on one line and exit status 1, not a traceback."""
     cfg = parse_args(argv)
     try:
-        if cfg.mode == "train":
-            train(cfg)
-        elif cfg.mode == "translate":
-            model, tok, device, ctx = load_for_inference(cfg)
-            print(translate_corpus(model, tok, [cfg.text], cfg, device, ctx)[0])
-        elif cfg.mode == "attention":
-            model, tok, device, ctx = load_for_inference(cfg)
-            hyp, paths = plot_attention(model, tok, cfg.text, cfg, device, ctx)
-            print(f"{cfg.text} -> {hyp}\nwrote {', '.join(paths)}")
-        elif cfg.mode == "bleu":
-            model, tok, device, ctx = load_for_inference(cfg)
-            src, ref = load_corpus(cfg)["test"]
-            hyps = translate_corpus(model, tok, src, cfg, device, ctx)
-            print(f"test BLEU {corpus_bleu(hyps, ref):.2f} (beam {cfg.beam}, length penalty {cfg.length_penalty})")
-        elif cfg.mode == "sweep":
-            sweep(cfg)
-        else:
-            raise UserError(f"--mode must be train, translate, attention, bleu or sweep, not {cfg.mode!r}")
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        have = ["cpu"] + cuda + ["mps"] * torch.backends.mps.is_available()
+        if cfg.device != "auto" and cfg.device not in have:
+            raise UserError(f"--device {cfg.device} is not available here; this machine has: auto, {', '.join(have)}")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out_dir).close()
+        except OSError as e:
+            raise UserError(f"--out_dir {cfg.out_dir} is not a folder this user can write ({e.strerror})") from None
+        return modes[cfg.mode](cfg)
     except UserError as e:
         print(f"{SCRIPT_NAME}.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def setup_ddp():
+    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size). nccl on CUDA,
+    gloo on CPU. Rank 0 alone logs, downloads and saves."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def setup_device(cfg, local_rank=0):
+    """-> (device, autocast context, GradScaler or None). cuda > mps > cpu unless --device says
+    otherwise. dtype `auto` picks bfloat16 where the GPU runs it natively, else float16 with a
+    GradScaler (it scales the loss up so small float16 gradients do not underflow), else float32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = f"cuda:{local_rank}" if device == "cuda" else device, cfg.dtype
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # CPUs without AMX run bfloat16 matmuls slower than float32
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, ctx, torch.amp.GradScaler(device_type) if dtype == "float16" else None
+
+
+def download(url, path, sha256=None, magic=None, headers=None):
+    """Fetch `url` to `path` unless it is there, through `path + ".part"` and a rename after a check
+    (the sha256 if pinned, else the first bytes: `magic`, and never a proxy's HTML page), so a cut,
+    corrupt or wrong download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    import requests  # only needed when something is actually downloaded
+
+    tmp, hint, head = path + ".part", f"download it by hand from {url} and save it as {path}", b""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total, digest = int(r.headers.get("content-length", 0)), hashlib.sha256()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                head = head or chunk[:64]
+                pct = f" {100 * f.tell() / total:5.1f}%" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {f.tell() / 1e6:.1f} MB{pct}", end="", flush=True)
+        print()
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}). If this machine is "
+                        f"offline, {hint} (or point --data_dir / LLM_DATA_DIR at a folder that has it).") from None
+    wrong = (f"sha256 {digest.hexdigest()}, expected {sha256}" if sha256 and digest.hexdigest() != sha256 else
+             f"it does not start with {magic!r}" if magic and not head.startswith(magic) else
+             "it is an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else None)
+    if wrong:
+        os.remove(tmp)
+        raise UserError(f"{url} did not send the expected file ({wrong}); run again, or {hint}")
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model):
+    """The plain nn.Module inside DDP(...) and torch.compile(...) wrappers, in any order."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
+    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+                "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_KEYS):
+    """torch.load with weights_only=True (a pickle cannot run code), refusing a checkpoint that is
+    missing, truncated, from another script or stage, or of another shape than `cfg` on `keys`."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a pickle with code in it, another format
+        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script or (stage and ckpt.get("stage") != stage):
+        got = f"{ckpt.get('script')} {ckpt.get('stage')}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {script}.py {stage + ' ' if stage else ''}checkpoint (it is: {got})")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
+            for k in keys if cfg is not None and ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
+    return ckpt
+
+
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+    """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
+    with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
+    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
+    ckpt = load_checkpoint(path, cfg, stage)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank + 7919 * ckpt["step"])
+    else:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def fingerprint(model):
+    """16 hex digits of sha256 over every parameter: equal on DDP ranks iff their weights are."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_jsonl(cfg, record):
+    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

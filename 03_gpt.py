@@ -19,9 +19,10 @@ Run it:
     python 03_gpt.py --help                            # every flag, its default and meaning
 
 Expected result (README.md has the table): the cpu preset reaches val loss 1.73 on shakespeare_char
-after 600 steps (71 s on 2 cores; 1.98 with AdamW instead of Muon); nanogpt_cpu ~1.9 after 2000
-steps; the KV cache generates ~7x faster at block 256; int8 shrinks the Linear weights 3.9x for a
-+0.01% loss change.
+after 600 steps (1.98 with AdamW instead of Muon); nanogpt_cpu ~1.9 after 2000 steps; the KV cache
+generates ~7x faster at block 256; int8 shrinks the Linear weights 3.9x for a +0.01% loss change.
+Layout: Config; the milestone (model, sampling, GPT-2 weights, int8, Muon), which runs on its own;
+data, training, evaluation, main(); last, the plumbing that is the same in all seven scripts.
 
 Notation: B batch, T sequence length (query positions), S key positions (T plus the KV cache),
 C channels (n_embd), nh heads, hd head dim (C // nh), V vocab, L layers, N parameters.
@@ -42,6 +43,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -51,12 +53,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn import functional as F
-
-SCRIPT_NAME = "03_gpt"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
+import torch.nn.functional as F
 
 
 # --- Config ---------------------------------------------------------------------------------------
+SCRIPT_NAME = "03_gpt"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
+
+
 @dataclass
 class Config:
     # I/O
@@ -113,10 +116,8 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=20,
                  lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2, log_interval=5,
                  num_samples=1, max_new_tokens=20),  # tests
-    # the default, a laptop CPU. At a fixed budget a narrower model that sees more tokens wins
-    # (Hoffmann et al. 2022): 96 wide (0.45M parameters) for 1.2M tokens, ~3.7 TFLOP, beat
-    # nanogpt_cpu's 128 wide for 0.8M tokens at ~4.6 TFLOP (val 1.98 vs 2.06 in our runs). Muon for
-    # the blocks' matrices then took the same 600 steps from val 1.98 to 1.73 (README, Results).
+    # the default, a laptop CPU: at a fixed compute budget a narrower model that sees more tokens wins
+    # (Hoffmann et al. 2022), and Muon gets more out of the same steps than AdamW (README, Results)
     "cpu": dict(n_layer=4, n_head=4, n_embd=96, block_size=64, batch_size=32, max_iters=600,
                 lr_decay_iters=600, warmup_iters=30, learning_rate=4e-3, min_lr=4e-4, eval_interval=300,
                 eval_iters=40, optimizer="muon"),
@@ -131,335 +132,31 @@ DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "dataset")
 MODES = ("train", "sample", "eval", "bench", "extrapolate", "landscape")
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+RULES = {"mode": MODES, "pos": ("learned", "rope", "alibi"), "attn": ("sdpa", "manual"),
+         "optimizer": ("adamw", "muon"), "quantize": ("none", "int8"), "tokenizer": ("char", "gpt2"),
+         "dtype": ("auto", "float32", "bfloat16", "float16"),
+         **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                          "learning_rate", "muon_lr", "eval_interval", "eval_iters", "log_interval", "num_samples",
+                          "max_new_tokens"), "> 0"),
+         **dict.fromkeys(("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
+                          "temperature", "top_k"), ">= 0"),
+         **dict.fromkeys(("dropout", "beta1", "beta2"), "in [0, 1)")}
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, wrong checkpoint): main() prints the
-    message and exits with status 1 instead of showing a traceback."""
+def check_config(cfg):
+    """The rules that tie flags together or name a file or folder (parse_args: exit 2 naming the flag)."""
+    if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"--n_embd {cfg.n_embd} must split into --n_head {cfg.n_head} heads of even size "
+                         f"(RoPE rotates pairs of channels)")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr {cfg.min_lr} must not exceed --learning_rate {cfg.learning_rate}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], not {cfg.top_p!r}")
+    if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".txt"):
+        raise ValueError(f"--dataset {cfg.dataset!r} is neither one of {', '.join(DATASETS)} nor a file.txt")
 
 
-def _field_help():
-    """Each Config field's trailing `# comment`, read from this file's source, for --help."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def _parse_value(name, kind, text):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError
-    return kind(text)
-
-
-def usage():
-    helps = _field_help()
-    lines = [f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(PRESETS)}] [--field=value ...]",
-             f"  --preset NAME  overrides applied before the flags (default: {DEFAULT_PRESET})"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s}".ljust(36) + helps.get(f.name, ""))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None) -> Config:
-    """`--preset NAME`, then `--field=value` or `--field value` for every Config field.
-    An unknown flag or a badly typed value exits with status 2 and names the flag."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-
-    def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
-        sys.exit(2)
-
-    preset, overrides, i = DEFAULT_PRESET, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            fail(f"unexpected argument {arg!r}")
-        name, eq, value = arg[2:].partition("=")
-        if name != "preset" and name not in kinds:
-            fail(f"unknown flag --{name}")
-        if not eq:  # `--name value`, or a bare boolean flag meaning true
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if kinds.get(name) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                fail(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if name == "preset":
-            if value not in PRESETS:
-                fail(f"unknown preset {value!r} for --preset (choose from {', '.join(PRESETS)})")
-            preset = value
-            continue
-        try:
-            overrides[name] = _parse_value(name, kinds[name], value)
-        except ValueError:
-            fail(f"--{name} expects {kinds[name].__name__}, got {value!r}")
-    return Config(**{**PRESETS[preset], **overrides})
-
-
-def setup_ddp():
-    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size).
-    nccl on CUDA, gloo on CPU. Rank 0 alone logs, downloads and saves."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, autocast context, GradScaler or None).
-    Device: cuda > mps > cpu unless --device says otherwise. dtype `auto` picks bfloat16 where the
-    hardware runs it natively, else float16 with a GradScaler (which rescales the loss so small
-    float16 gradients do not underflow), else float32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"  # CPUs without AMX/AVX512-BF16 run bfloat16 matmuls slower than float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    device_type = device.split(":")[0]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    return device, ctx, scaler
-
-
-# --- Data -----------------------------------------------------------------------------------------
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-# name -> (file under --data_dir, URL, sha256 or None, tokenizer). Module-level so tests can point a
-# dataset at a local server.
-DATASETS = {
-    "shakespeare_char": ("tinyshakespeare/input.txt", SHAKESPEARE_URL,
-                         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "char"),
-    "shakespeare": ("tinyshakespeare/input.txt", SHAKESPEARE_URL,
-                    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "gpt2"),
-    "tinystories": ("tinystories/TinyStories-valid.txt",
-                    "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
-                    None, "gpt2"),
-    "owt10k": ("openwebtext-10k/openwebtext-10k.tar.xz",
-               "https://cdn-datasets.huggingface.co/nlp/datasets/openwebtext/openwebtext-10k.tar.xz",
-               None, "gpt2"),
-}
-HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"  # GPT-2 weights
-GPT2_EOT = 50256  # <|endoftext|>, put between documents
-
-
-def download(url, path, sha256=None):
-    """Fetch `url` to `path` unless it is already there: streamed to `path + ".part"` with a progress
-    line, checked against `sha256` when known, then renamed into place, so an interrupted or corrupt
-    download never leaves a file that looks complete."""
-    if os.path.exists(path):
-        return path
-    import requests  # only needed when something is actually downloaded
-
-    tmp = path + ".part"
-    hint = f"download it by hand from {url} and save it as {path}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with requests.get(url, stream=True, timeout=30) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            digest, done = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    pct = f" {100 * done / total:5.1f}%" if total else ""
-                    print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
-        print()
-    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"
-                        f"If this machine is offline, {hint} (or point --data_dir / LLM_DATA_DIR "
-                        f"at a folder that has it).") from None
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise UserError(f"{url} arrived corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                        f"run again, or {hint}")
-    os.replace(tmp, path)
-    return path
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE (50,257 tokens). It fetches two vocabulary files once; offline, point
-    TIKTOKEN_CACHE_DIR at a folder that holds them."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises requests/urllib errors or its own, depending on version
-        raise UserError(f"could not load the GPT-2 tokenizer ({e.__class__.__name__}: {e}); offline, set "
-                        f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from None
-
-
-def make_tokenizer(meta):
-    """meta = {"kind": "char", "chars": "..."} or {"kind": "gpt2"} -> (encode, decode)."""
-    if meta["kind"] == "char":
-        table = np.array([ord(ch) for ch in meta["chars"]], dtype=np.uint32)  # code points, sorted
-
-        def encode(text):  # a binary search per character, vectorized: ~1M characters in 0.1 s
-            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            ids = np.searchsorted(table, codes).clip(max=len(table) - 1)
-            missing = set(text[i] for i in np.flatnonzero(table[ids] != codes))
-            if missing:
-                raise UserError(f"characters {''.join(sorted(missing))!r} are not in this model's vocabulary")
-            return ids.tolist()
-
-        return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
-    enc = gpt2_encoding()
-    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode
-
-
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def iter_documents(path):
-    """Yield the documents of a raw corpus one at a time, so a large corpus is never held twice:
-    a .tar.xz of text files (one document each, OpenWebText-10k's layout), a TinyStories-style text
-    with stories separated by `<|endoftext|>` lines, or a plain text (one document)."""
-    if path.endswith((".tar.xz", ".tar.gz", ".tar")):
-        import tarfile
-
-        with tarfile.open(path, "r|*") as tar:  # streaming mode: members in archive order
-            for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    yield tar.extractfile(member).read().decode("utf-8", errors="replace")
-        return
-    with open(path, encoding="utf-8") as f:
-        doc = []
-        for line in f:
-            if line.strip() == "<|endoftext|>":
-                yield "".join(doc)
-                doc = []
-            else:
-                doc.append(line)
-        if any(s.strip() for s in doc):
-            yield "".join(doc)
-
-
-def _write_ids(path, ids):
-    """uint16 ids to `path` through a temporary file (all vocabularies here have < 65,536 tokens)."""
-    np.asarray(ids, dtype=np.uint16).tofile(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def prepare_data(cfg, verbose=True):
-    """Tokenize the dataset once into out_dir/data/<name>-<tokenizer>-<sha>/{train,val}.bin (uint16)
-    plus meta.json, and return (folder, meta). The cache key holds the source file's sha256, so an
-    edited text is re-tokenized and an unchanged one is reused. Only the source is read from data_dir."""
-    if cfg.dataset in DATASETS:
-        rel, url, sha, kind = DATASETS[cfg.dataset]
-        src = download(url, os.path.join(cfg.data_dir, rel), sha)
-        name = cfg.dataset
-    elif cfg.dataset.endswith(".txt"):
-        src, kind, name = cfg.dataset, cfg.tokenizer, os.path.basename(cfg.dataset)[:-4]
-        if not os.path.isfile(src):
-            raise UserError(f"--dataset {src}: no such file")
-        if kind not in ("char", "gpt2"):
-            raise UserError(f"--tokenizer must be char or gpt2, not {kind!r}")
-    else:
-        raise UserError(f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)}, "
-                        f"or give a path/to/file.txt)")
-    folder = os.path.join(cfg.out_dir, "data", f"{name}-{kind}-{_sha256_file(src)[:12]}")
-    if os.path.exists(os.path.join(folder, "meta.json")):
-        with open(os.path.join(folder, "meta.json")) as f:
-            return folder, json.load(f)
-    os.makedirs(folder, exist_ok=True)
-    t0 = time.time()
-    if cfg.dataset in ("tinystories", "owt10k"):  # many documents, streamed
-        meta = _prepare_corpus(src, folder, verbose)
-    else:  # one text: the first 90% of its characters train, the last 10% validate (nanoGPT)
-        with open(src, encoding="utf-8") as f:
-            text = f.read()
-        chars = "".join(sorted(set(text)))  # the character vocabulary, in id order
-        tokenizer = {"kind": "char", "chars": chars} if kind == "char" else {"kind": "gpt2"}
-        encode, _ = make_tokenizer(tokenizer)
-        split = int(0.9 * len(text))
-        train_ids, val_ids = encode(text[:split]), encode(text[split:])
-        _write_ids(os.path.join(folder, "train.bin"), train_ids)
-        _write_ids(os.path.join(folder, "val.bin"), val_ids)
-        meta = {"tokenizer": tokenizer, "vocab_size": len(chars) if kind == "char" else 50257,
-                "train_tokens": len(train_ids), "val_tokens": len(val_ids), "source": src}
-    with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
-    if verbose:
-        print(f"prepared {name}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-              f"({kind}, vocab {meta['vocab_size']:,}) in {time.time() - t0:.1f}s -> {folder}")
-    return folder, meta
-
-
-def _prepare_corpus(src, folder, verbose):
-    """GPT-2 BPE over a many-document corpus, streamed: each document gets <|endoftext|> after it,
-    every 10th document goes to val, and ids are flushed to disk in chunks of ~1M tokens."""
-    enc = gpt2_encoding()
-    files = {s: open(os.path.join(folder, f"{s}.bin.tmp"), "wb") for s in ("train", "val")}
-    buffers, counts, n_docs = {"train": [], "val": []}, {"train": 0, "val": 0}, 0
-    for n_docs, doc in enumerate(iter_documents(src), start=1):
-        split = "val" if n_docs % 10 == 0 else "train"
-        ids = enc.encode_ordinary(doc)
-        ids.append(GPT2_EOT)
-        buffers[split].extend(ids)
-        counts[split] += len(ids)
-        if len(buffers[split]) > 1 << 20:
-            np.asarray(buffers[split], dtype=np.uint16).tofile(files[split])
-            buffers[split] = []
-        if verbose and n_docs % 1000 == 0:
-            total = counts["train"] + counts["val"]
-            print(f"\rtokenizing: {n_docs:,} documents, {total:,} tokens", end="", flush=True)
-    if verbose and n_docs >= 1000:
-        print()
-    for s, f in files.items():
-        np.asarray(buffers[s], dtype=np.uint16).tofile(f)
-        f.close()
-        os.replace(os.path.join(folder, f"{s}.bin.tmp"), os.path.join(folder, f"{s}.bin"))
-    if counts["val"] == 0:
-        raise UserError(f"{src} has {n_docs} document(s): need at least 10 for a validation split")
-    return {"tokenizer": {"kind": "gpt2"}, "vocab_size": 50257, "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "documents": n_docs, "source": src}
-
-
-def get_batch(folder, split, batch_size, block_size, device, generator=None):
-    """nanoGPT's sampler: B random windows of T+1 tokens from the memmap; y is x shifted by one.
-    The memmap is reopened on each call so its pages are not held forever (numpy keeps them)."""
-    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
-    if len(data) <= block_size + 1:
-        raise UserError(f"the {split} split has {len(data)} tokens: too few for --block_size {block_size}")
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    window = data[ix.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-    x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # (B, T) each
-    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-# --- Model ----------------------------------------------------------------------------------------
+# --- Milestone: GPT-2, with learned, rotary or ALiBi positions and a KV cache ---------------------
 @dataclass
 class GPTConfig:
     """The model's shape alone (no training settings): GPT(GPTConfig(...)) works on its own."""
@@ -513,13 +210,10 @@ class KVCache:
 
     def update(self, start, k, v):
         """Write k, v (B, nh, T, hd) at positions start..start+T-1; return the filled prefix (B, nh, S, hd)."""
-        if self.k is None:
-            B, nh, _, hd = k.shape
-            self.k = k.new_zeros(B, nh, self.max_len, hd)
-            self.v = v.new_zeros(B, nh, self.max_len, hd)
+        if self.k is None:  # (B, nh, max_len, hd)
+            self.k, self.v = (t.new_zeros(*t.shape[:2], self.max_len, t.size(3)) for t in (k, v))
         end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -529,7 +223,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -539,28 +234,21 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, attn_bias=None, cache=None, start=0):
         """x (B, T, C); rope = (cos, sin) or None; attn_bias (nh or 1, T, S) additive, -inf where
         masked, or None for the plain causal mask with T == S; cache: this layer's KVCache."""
-        B, T, C = x.shape
-        hd = C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        (B, T, C), hd = x.shape, x.size(-1) // self.n_head  # q, k, v below: (B, nh, T, hd) each
+        q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nh, S, hd), S = start + T
-        p = self.dropout if self.training else 0.0
         if self.attn == "manual":
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, nh, T, S)
-            if attn_bias is None:  # query t sees keys 0..t
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                att = att.masked_fill(~causal, float("-inf"))
-            else:
-                att = att + attn_bias
-            att = F.softmax(att, dim=-1)  # (B, nh, T, S); autocast runs softmax in float32
+            if attn_bias is None:  # query t sees keys 0..t: -inf above the diagonal
+                attn_bias = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+            att = F.softmax(att + attn_bias, dim=-1)  # (B, nh, T, S); autocast runs softmax in float32
             y = self.attn_dropout(att) @ v  # (B, nh, T, hd)
         else:  # the same maths in one fused kernel (flash attention on GPUs when attn_bias is None)
             mask = None if attn_bias is None else attn_bias.to(q.dtype)
+            p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -568,7 +256,7 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """Position-wise feed-forward, C -> 4C -> C with GELU. GPT-2 used GELU's tanh approximation;
-    the exact erf form (as in nanoGPT) differs by < 1e-3 and runs ~2.5x faster on CPUs."""
+    the exact erf form (as in nanoGPT) differs by < 1e-3 and runs faster on CPUs."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -601,10 +289,8 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.pos not in ("learned", "rope", "alibi"):
-            raise ValueError(f"pos must be learned, rope or alibi, not {config.pos!r}")
-        if config.attn not in ("sdpa", "manual"):
-            raise ValueError(f"attn must be sdpa or manual, not {config.attn!r}")
+        if config.pos not in ("learned", "rope", "alibi") or config.attn not in ("sdpa", "manual"):
+            raise ValueError(f"pos must be learned|rope|alibi and attn sdpa|manual, not {config.pos}, {config.attn}")
         self.config = config
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos == "learned":  # RoPE and ALiBi put position into attention instead
@@ -635,9 +321,7 @@ class GPT(nn.Module):
         """Parameters (the tied embedding counted once); position embeddings excluded by default,
         as in nanoGPT, since they cost no FLOPs."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def _attn_bias(self, T, start, device):
         """Additive attention bias (nh or 1, T, S) for queries at positions start..start+T-1 over
@@ -684,17 +368,13 @@ class GPT(nn.Module):
         blocks' Linear weights go to Muon in a third group; the embedding (tied to the head) stays
         with AdamW, as in Muon's recipe. Each group's "lr_scale" times the scheduled lr is its lr."""
         params = [p for p in self.parameters() if p.requires_grad]
-        if kind == "adamw":
-            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-            fused = device_type in ("cuda", "cpu")  # one kernel for all tensors instead of a Python loop
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-        matrices = {id(p) for n, p in self.transformer.h.named_parameters() if p.dim() == 2}
-        groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices],
-                   "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-                  {"params": [p for p in params if id(p) in matrices], "weight_decay": 0.0, "muon": True,
-                   "lr_scale": muon_lr / learning_rate}]
+        muon = {id(p) for p in self.transformer.h.parameters() if p.dim() == 2} if kind == "muon" else set()
+        groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in muon], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if kind == "adamw":  # fused: one kernel for all tensors instead of a Python loop
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        groups.append({"params": [p for p in params if id(p) in muon], "weight_decay": 0.0, "muon": True,
+                       "lr_scale": muon_lr / learning_rate})
         return Muon(groups, lr=learning_rate, betas=betas)
 
     def crop_block_size(self, block_size):
@@ -725,50 +405,32 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0, cache_dir="data/hf"):
-        """OpenAI's GPT-2 from a Hugging Face folder (config.json + model.safetensors): a name in
-        GPT2_NAMES is downloaded to cache_dir/<name>/, anything else is read as a local folder."""
-        if name_or_dir in GPT2_NAMES:
-            folder = os.path.join(cache_dir, name_or_dir)
-            for file in ("config.json", "model.safetensors"):
-                download(HF_URL.format(name=name_or_dir, file=file), os.path.join(folder, file))
-        elif os.path.isdir(name_or_dir):
-            folder = name_or_dir
-        else:
-            raise UserError(f"--init_from {name_or_dir!r}: not one of {', '.join(GPT2_NAMES)} nor a folder")
-        try:
-            with open(os.path.join(folder, "config.json")) as f:
-                hf = json.load(f)
-            tensors = load_safetensors(os.path.join(folder, "model.safetensors"))
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{folder} has no readable GPT-2 config.json + model.safetensors ({e})") from None
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout,
-                           bias=True)
-        model = cls(config)
-        sd = model.state_dict()
+    def from_pretrained(cls, folder, dropout=0.0):
+        """OpenAI's GPT-2 from a Hugging Face folder (config.json + model.safetensors). Its Linear
+        layers are Conv1D, stored (in, out); its names lack `transformer.`; its head is tied to wte."""
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        model = cls(GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                              n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout))
+        sd, loaded = model.state_dict(), set()
         conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-        loaded = set()
-        for key, t in tensors.items():
+        for key, t in load_safetensors(os.path.join(folder, "model.safetensors")).items():
             key = key.removeprefix("transformer.")
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # the causal-mask buffers, and the head (tied to wte)
-            ours = f"transformer.{key}"
-            if ours not in sd:
-                raise UserError(f"{folder}/model.safetensors has an unexpected tensor {key!r}")
-            if key.endswith(conv1d):  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-                t = t.t()
-            if t.shape != sd[ours].shape:
-                raise UserError(f"{key}: shape {tuple(t.shape)} in the file, {tuple(sd[ours].shape)} in the model")
+            ours, t = f"transformer.{key}", t.t() if key.endswith(conv1d) else t
+            if ours not in sd or t.shape != sd[ours].shape:
+                raise ValueError(f"{folder}/model.safetensors: {key} {tuple(t.shape)} has no place in the model")
             with torch.no_grad():
                 sd[ours].copy_(t)
             loaded.add(ours)
-        missing = set(sd) - loaded - {"lm_head.weight"}
+        missing = sorted(set(sd) - loaded - {"lm_head.weight"})
         if missing:
-            raise UserError(f"{folder}/model.safetensors lacks {sorted(missing)[:3]} ...")
+            raise ValueError(f"{folder}/model.safetensors lacks {missing[:3]}")
         return model
 
 
+# --- Milestone: inference -- sampling, a safetensors reader, int8 weights -------------------------
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> next ids (B, 1). temperature 0 is greedy. top-k keeps the k largest logits;
     top-p (Holtzman et al. 2020, §3.1) keeps the smallest set whose probabilities sum to >= p."""
@@ -794,10 +456,14 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def load_safetensors(path):
     """The safetensors format: an 8-byte little-endian header length N, N bytes of JSON
     {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then one raw
-    little-endian buffer; offsets count from the buffer's start. -> {name: tensor}."""
+    little-endian buffer; offsets count from the buffer's start. -> {name: tensor}. A header or a
+    tensor that claims more bytes than the file holds (a truncated file, or not safetensors) is a ValueError."""
     assert sys.byteorder == "little", "this reader maps the little-endian buffer directly"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} is larger than the file ({size} bytes): not safetensors")
         header = json.loads(f.read(n))
         buffer = bytearray(f.read())
     tensors = {}
@@ -805,8 +471,9 @@ def load_safetensors(path):
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        raw = buffer[begin:end]
+        if not 0 <= begin <= end <= len(buffer):
+            raise ValueError(f"{path}: tensor {name} lies at bytes {begin}..{end} of a {len(buffer)}-byte buffer")
+        dtype, raw = SAFETENSORS_DTYPES[info["dtype"]], buffer[begin:end]
         t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(info["shape"])
     return tensors
@@ -845,7 +512,7 @@ def quantize_int8(model):
     return before, after
 
 
-# --- Training -------------------------------------------------------------------------------------
+# --- Milestone: the Muon optimizer ----------------------------------------------------------------
 def newton_schulz(G, steps=5):
     """≈ U Vᵀ for G = U Σ Vᵀ: every singular value pushed to about 1, with matmuls only. The iteration
     X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X applies p(σ) = a σ + b σ³ + c σ⁵ to each singular value of X;
@@ -864,14 +531,12 @@ def newton_schulz(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon, "MomentUm Orthogonalized by Newton-Schulz" (K. Jordan et al. 2024, kellerjordan.github.io
-    /posts/muon; the optimizer of the modded-nanogpt speedrun records, scaled up in Moonlight, Liu et
-    al. 2025, arXiv:2502.16982). For a weight matrix W (out, in) with Nesterov momentum M, the update
-    is the orthogonalized U Vᵀ of M = U Σ Vᵀ: every direction of the update gets the same step size,
-    so the rare directions that a raw gradient barely moves learn as fast as the dominant ones.
-    The step is scaled by sqrt(max(1, out/in)) so tall and wide matrices move alike.
-    Groups without "muon" get plain AdamW (Loshchilov & Hutter 2019), written out: Muon is only for
-    hidden matrices; embeddings, the head and 1-D gains keep an elementwise optimizer."""
+    """Muon, "MomentUm Orthogonalized by Newton-Schulz" (K. Jordan et al. 2024; scaled up in Moonlight,
+    Liu et al. 2025). For a weight matrix W (out, in) with Nesterov momentum M, the update is the
+    orthogonalized U Vᵀ of M = U Σ Vᵀ: every direction of the update gets the same step size, so the
+    rare directions a raw gradient barely moves learn as fast as the dominant ones; the step is scaled
+    by sqrt(max(1, out/in)) so tall and wide matrices move alike. Groups without "muon" get AdamW,
+    written out: embeddings, the head and 1-D gains keep an elementwise optimizer."""
 
     def __init__(self, groups, lr, betas=(0.9, 0.99), eps=1e-8, momentum=0.95, ns_steps=5):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps,
@@ -916,7 +581,162 @@ class Muon(torch.optim.Optimizer):
                 p.add_(u.to(p.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
 
-def get_lr(step, cfg):
+# --- Data -----------------------------------------------------------------------------------------
+SHAKESPEARE = ("tinyshakespeare/input.txt",
+               "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+               "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", None)
+# name -> (file under --data_dir, URL, sha256 or None, first bytes or None, tokenizer). A file without a pinned
+# sha256 is checked by its format's first bytes (xz) or at least for not being an HTML page (text).
+DATASETS = {
+    "shakespeare_char": (*SHAKESPEARE, "char"),
+    "shakespeare": (*SHAKESPEARE, "gpt2"),
+    "tinystories": ("tinystories/TinyStories-valid.txt",
+                    "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
+                    None, None, "gpt2"),
+    "owt10k": ("openwebtext-10k/openwebtext-10k.tar.xz",
+               "https://cdn-datasets.huggingface.co/nlp/datasets/openwebtext/openwebtext-10k.tar.xz",
+               None, b"\xfd7zXZ\x00", "gpt2"),
+}
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"  # GPT-2 weights
+GPT2_EOT = 50256  # <|endoftext|>, put between documents
+
+
+def gpt2_folder(cfg):
+    """--init_from gpt2* -> data_dir/hf/<name>/ holding config.json and model.safetensors (downloaded
+    once); --init_from path/to/folder -> that folder."""
+    if cfg.init_from not in GPT2_NAMES:
+        if not os.path.isdir(cfg.init_from):
+            raise UserError(f"--init_from {cfg.init_from!r} is neither scratch, resume, {', '.join(GPT2_NAMES)} "
+                            f"nor a folder holding config.json and model.safetensors")
+        return cfg.init_from
+    folder = os.path.join(cfg.data_dir, "hf", cfg.init_from)
+    for file in ("config.json", "model.safetensors"):
+        download(HF_URL.format(name=cfg.init_from, file=file), os.path.join(folder, file))
+    return folder
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE (50,257 tokens). It fetches two vocabulary files once; offline, point
+    TIKTOKEN_CACHE_DIR at a folder that holds them."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/urllib errors or its own, depending on version
+        raise UserError(f"could not load the GPT-2 tokenizer ({e.__class__.__name__}: {e}); offline, set "
+                        f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from None
+
+
+def make_tokenizer(meta):
+    """meta = {"kind": "char", "chars": "..."} or {"kind": "gpt2"} -> (encode, decode)."""
+    if meta["kind"] == "char":
+        table = np.array([ord(ch) for ch in meta["chars"]], dtype=np.uint32)  # code points, sorted
+
+        def encode(text):  # a binary search per character, vectorized
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            ids = np.searchsorted(table, codes).clip(max=len(table) - 1)
+            missing = set(text[i] for i in np.flatnonzero(table[ids] != codes))
+            if missing:
+                raise UserError(f"characters {''.join(sorted(missing))!r} are not in this model's vocabulary")
+            return ids.tolist()
+
+        return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
+    enc = gpt2_encoding()
+    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+def iter_documents(path):
+    """Yield the documents of a raw corpus one at a time, so a large corpus is never held twice:
+    a .tar.xz of text files (one document each, OpenWebText-10k's layout), or a text with documents
+    separated by `<|endoftext|>` lines (TinyStories)."""
+    if path.endswith(".tar.xz"):
+        import tarfile
+
+        with tarfile.open(path, "r|*") as tar:  # streaming mode: members in archive order
+            yield from (tar.extractfile(m).read().decode("utf-8", errors="replace")
+                        for m in tar if m.isfile() and m.name.endswith(".txt"))
+        return
+    with open(path, encoding="utf-8") as f:
+        doc = []
+        for line in f:
+            if line.strip() == "<|endoftext|>":
+                yield "".join(doc)
+                doc = []
+            else:
+                doc.append(line)
+        if any(s.strip() for s in doc):
+            yield "".join(doc)
+
+
+def prepare_data(cfg, verbose=True):
+    """Tokenize the dataset once into out_dir/data/<name>-<tokenizer>-<sha>/{train,val}.bin (uint16: every
+    vocabulary here has < 65,536 tokens) and meta.json -> (folder, meta). The cache key holds the source's
+    sha256, so an edited text is re-tokenized and an unchanged one reused. Only the source is read from data_dir."""
+    if cfg.dataset in DATASETS:
+        rel, url, sha, magic, kind = DATASETS[cfg.dataset]
+        src, name = download(url, os.path.join(cfg.data_dir, rel), sha, magic), cfg.dataset
+    elif not os.path.isfile(cfg.dataset):
+        raise UserError(f"--dataset {cfg.dataset}: there is no such file")
+    else:
+        src, kind, name = cfg.dataset, cfg.tokenizer, os.path.basename(cfg.dataset)[:-4]
+    with open(src, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    folder = os.path.join(cfg.out_dir, "data", f"{name}-{kind}-{sha[:12]}")
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        with open(os.path.join(folder, "meta.json")) as f:
+            return folder, json.load(f)
+    if cfg.dataset in ("tinystories", "owt10k"):  # documents: each ends with <|endoftext|>, every 10th validates
+        enc, parts = gpt2_encoding(), {"train": [], "val": []}
+        meta = {"tokenizer": {"kind": "gpt2"}, "vocab_size": 50257}
+        for n_docs, doc in enumerate(iter_documents(src), start=1):
+            ids = np.array(enc.encode_ordinary(doc) + [GPT2_EOT], dtype=np.uint16)
+            parts["val" if n_docs % 10 == 0 else "train"].append(ids)
+            if verbose and n_docs % 1000 == 0:
+                print(f"tokenizing: {n_docs:,} documents", flush=True)
+        if not parts["val"]:
+            raise UserError(f"{src} has {len(parts['train'])} document(s): need at least 10 for a validation split")
+        meta["documents"] = n_docs
+    else:  # one text: the first 90% of its characters train, the last 10% validate (nanoGPT)
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+        chars = "".join(sorted(set(text)))  # the character vocabulary, in id order
+        tokenizer = {"kind": "char", "chars": chars} if kind == "char" else {"kind": "gpt2"}
+        encode, split = make_tokenizer(tokenizer)[0], int(0.9 * len(text))
+        parts = {"train": [encode(text[:split])], "val": [encode(text[split:])]}
+        meta = {"tokenizer": tokenizer, "vocab_size": len(chars) if kind == "char" else 50257}
+    os.makedirs(folder, exist_ok=True)
+    for split, docs in parts.items():
+        ids = np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs])
+        ids.tofile(os.path.join(folder, f"{split}.bin.tmp"))
+        os.replace(os.path.join(folder, f"{split}.bin.tmp"), os.path.join(folder, f"{split}.bin"))
+        meta[f"{split}_tokens"] = len(ids)
+    meta["source"] = src
+    with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
+    if verbose:
+        print(f"prepared {name}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+              f"({kind}, vocab {meta['vocab_size']:,}) -> {folder}")
+    return folder, meta
+
+
+def get_batch(folder, split, batch_size, block_size, device, generator=None):
+    """nanoGPT's sampler: B random windows of T+1 tokens from the memmap; y is x shifted by one.
+    The memmap is reopened on each call so its pages are not held forever (numpy keeps them)."""
+    data = np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    if len(data) <= block_size + 1:
+        raise UserError(f"the {split} split has {len(data)} tokens: too few for --block_size {block_size}")
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    window = data[ix.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
+    x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # (B, T) each
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# --- Training -------------------------------------------------------------------------------------
+def get_lr(cfg, step):
     """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
@@ -926,43 +746,55 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def flops_per_token(model, T):
-    """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6N for the matmuls with the
-    weights (2 forward, 4 backward) plus 12 L T C for attention's q k^T and att v."""
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * T * c.n_embd
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-
-
-def measure_peak_flops(device):
-    """The MFU denominator: the GPU's stated dense bf16 peak, or on CPU a float32 matmul
-    throughput measured here (1024^3 GEMMs), since CPU vendors state no single number."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    if not device.startswith("cpu"):
-        return None
-    gen = torch.Generator().manual_seed(0)  # not the training RNG, which a resume restores
-    a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
-    a @ b
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / min(times)
+def init_model(cfg, device, meta=None, rank=0, world_size=1):
+    """The model every mode starts from -> (model, optimizer, cfg, ckpt with at least its tokenizer).
+    --init_from scratch: the flags' shape over the dataset's vocabulary (a large one padded to a multiple of
+    64: faster matmuls); resume: out_dir/ckpt.pt's shape and weights; gpt2* or a folder: OpenAI's weights,
+    cfg then recording their shape for a later resume. With the dataset's meta (train, bench) it comes with
+    an optimizer, and on resume that state and the random stream restored; without, in eval mode."""
+    path, training = os.path.join(cfg.out_dir, "ckpt.pt"), meta is not None
+    if cfg.init_from == "scratch":
+        if not training:
+            raise UserError(f"--mode {cfg.mode} needs a trained model: --init_from resume, gpt2* or a folder")
+        vocab = meta["vocab_size"] if meta["vocab_size"] < 1000 else (meta["vocab_size"] + 63) // 64 * 64
+        model = GPT(GPTConfig(vocab_size=vocab, **{k: getattr(cfg, k) for k in (
+            "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos", "attn")}))
+        ckpt = {"tokenizer": meta["tokenizer"]}
+    elif cfg.init_from == "resume":  # the shape first; resume() below restores the training state
+        ckpt = load_checkpoint(path, cfg if training else None, "train")
+        if training and ckpt["tokenizer"] != meta["tokenizer"]:
+            raise UserError(f"{path} was trained with another tokenizer than --dataset {cfg.dataset}")
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        if training and meta["tokenizer"]["kind"] != "gpt2":
+            raise UserError(f"--init_from {cfg.init_from} needs a GPT-2-tokenized dataset, not {cfg.dataset}")
+        folder = gpt2_folder(cfg)
+        try:
+            model, ckpt = GPT.from_pretrained(folder, cfg.dropout), {"tokenizer": {"kind": "gpt2"}}
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a tensor of the wrong size
+            raise UserError(f"{folder} has no readable GPT-2 config.json + model.safetensors ({e})") from None
+        if training and cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        cfg = dataclasses.replace(cfg, **{k: getattr(model.config, k) for k in MODEL_KEYS if k != "dataset"})
+    model.to(device)
+    if not training:
+        return model.eval(), None, cfg, ckpt
+    model.grad_ckpt = cfg.grad_ckpt
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device.split(":")[0], cfg.optimizer, cfg.muon_lr)
+    if cfg.init_from == "resume":
+        ckpt = resume(path, cfg, model, optimizer, rank, world_size, "train")
+    return model, optimizer, cfg, ckpt
 
 
 @torch.no_grad()
-def estimate_loss(model, folder, cfg, ctx, device, block_size=None, splits=("train", "val")):
+def evaluate(model, folder, cfg, ctx, device, block_size=None, splits=("train", "val")):
     """Mean loss over eval_iters batches per split, in eval mode (no dropout). The batches come
     from their own generator, the same at every evaluation: evaluations compare like with like and
     leave the training RNG untouched (so a resumed run draws the batches it would have drawn)."""
-    was_training = model.training
+    was_training, out = model.training, {}
     model.eval()
-    out = {}
     for split in splits:
         gen = torch.Generator().manual_seed(cfg.seed)
         losses = torch.zeros(cfg.eval_iters)
@@ -976,166 +808,128 @@ def estimate_loss(model, folder, cfg, ctx, device, block_size=None, splits=("tra
     return out
 
 
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, tokenizer, rng_state=None):
-    """Write the checkpoint to a temporary file, then rename it: a crash mid-write never destroys
-    the previous checkpoint. The RNG state (by default the current one) makes a resumed CPU run
-    continue exactly. model_args and tokenizer let other scripts (06_lora_rlhf.py) rebuild the model
-    and its vocabulary on their own."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
-    raw = getattr(raw, "module", raw)  # and DDP wraps it too
-    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
-    ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "best_val": best_val,
-        "rng": {"torch": torch.get_rng_state() if rng_state is None else rng_state,
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "model_args": dataclasses.asdict(raw.config),
-        "tokenizer": tokenizer,
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def flops_per_token(model, T):
+    """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6N for the matmuls with the
+    weights (2 forward, 4 backward) plus 12 L T C for attention's q k^T and att v."""
+    return 6 * model.num_params() + 12 * model.config.n_layer * T * model.config.n_embd
 
 
-def load_checkpoint(path, cfg, check_model=True):
-    """Load a checkpoint saved by this script, refusing one whose model shape differs from `cfg`
-    (check_model=False for inference modes, which take the shape from the checkpoint)."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle from elsewhere, another format
-        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
-            for k in MODEL_KEYS if check_model and ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
-    return ckpt
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
-def log_jsonl(cfg, record):
-    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def measure_peak_flops(device):
+    """The MFU denominator: the GPU's stated dense bf16 peak, or on CPU a float32 matmul
+    throughput measured here (1024^3 GEMMs), since CPU vendors state no single number."""
+    if device.startswith("cuda"):
+        return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    if not device.startswith("cpu"):
+        return None
+    gen = torch.Generator().manual_seed(0)  # not the training RNG, which a resume restores
+    a, b, times = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen), []
+    for _ in range(6):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / min(times[1:])
 
 
-def model_config(cfg, vocab_size):
-    """The GPTConfig that the training flags describe (vocab padded to a multiple of 64)."""
-    if cfg.pos not in ("learned", "rope", "alibi") or cfg.attn not in ("sdpa", "manual"):
-        raise UserError(f"--pos must be learned|rope|alibi and --attn sdpa|manual (got {cfg.pos!r}, {cfg.attn!r})")
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise UserError(f"--optimizer must be adamw or muon (got {cfg.optimizer!r})")
-    if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
-        raise UserError(f"--n_embd {cfg.n_embd} must split into --n_head {cfg.n_head} heads of even size")
-    padded = vocab_size if vocab_size < 1000 else (vocab_size + 63) // 64 * 64
-    return GPTConfig(block_size=cfg.block_size, vocab_size=padded, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos=cfg.pos, attn=cfg.attn)
+class Progress:
+    """Progress lines every log_interval steps (loss, lr, ms/step, tokens/s, MFU, ETA) and the run's
+    median speed. MFU = achieved FLOP/s / peak; the first interval (compilation, warmup) is not counted."""
+
+    def __init__(self, cfg, model, device, world_size, start_step):
+        self.cfg, self.world_size, self.start, self.times = cfg, world_size, start_step, []
+        self.tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+        self.flops, self.peak = flops_per_token(model, cfg.block_size) * self.tokens, measure_peak_flops(device)
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {self.tokens:,} tokens per step, {world_size} rank(s) "
+              f"on {device}" + (f", peak {self.peak / 1e9:.0f} GFLOP/s" if self.peak else ""))
+        self.t_last = time.perf_counter()
+
+    def log(self, step, loss, lr):
+        now = time.perf_counter()
+        dt, self.t_last = (now - self.t_last) / self.cfg.log_interval, now
+        if step - self.start > self.cfg.log_interval:
+            self.times.append(dt)
+        mfu = f", MFU {100 * self.flops / dt / self.peak / self.world_size:.1f}%" if self.peak else ""
+        print(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/step, {self.tokens / dt:,.0f} tok/s"
+              f"{mfu}, ETA {(self.cfg.max_iters - step) * dt / 60:.1f} min")
+
+    def summary(self):
+        if not self.times:
+            return {}
+        ms = 1000 * float(np.median(self.times))
+        out = {"median_ms_per_step": ms, "gflops_per_s": self.flops / ms * 1e3 / 1e9 / self.world_size}
+        if self.peak:
+            out["mfu"] = self.flops / (ms / 1e3) / self.peak / self.world_size
+        print(f"median {ms:.1f} ms/step, {out['gflops_per_s']:.1f} GFLOP/s"
+              + (f" = {100 * out['mfu']:.0f}% of the measured peak" if self.peak else ""))
+        return out
 
 
-def weights_digest(model):
-    """sha256 of every parameter's bytes: equal on all DDP ranks iff their weights are identical."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def optimizer_step(optimizer, scaler, measure=False):
+    """Step (through the GradScaler under float16) and zero the gradients. measure=True also returns
+    the update-to-weight ratio ||dW|| / ||W|| of each group (decay, no_decay, muon): healthy near 1e-3."""
+    before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups] if measure else []
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {name: (torch.stack([(p.detach() - b).norm() for p, b in zip(g["params"], old)]).norm()
+                   / torch.stack([p.detach().norm() for p in g["params"]]).norm()).item()
+            for name, g, old in zip(("decay", "no_decay", "muon"), optimizer.param_groups, before)}
 
 
 def train(cfg) -> dict:
     rank, local_rank, world_size = setup_ddp()
-    master = rank == 0
-    device, ctx, scaler = setup_device(cfg, local_rank)
-    device_type = device.split(":")[0]
+    master, (device, ctx, scaler) = rank == 0, setup_device(cfg, local_rank)
     torch.manual_seed(cfg.seed + rank)
     if cfg.gradient_accumulation_steps % world_size:
         raise UserError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple "
                         f"of the number of ranks ({world_size})")
     grad_accum = cfg.gradient_accumulation_steps // world_size  # each rank does its share
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        folder, meta = prepare_data(cfg)
-    if world_size > 1:
-        dist.barrier()  # rank 0 has downloaded and tokenized; the others read its cache
     if not master:
-        folder, meta = prepare_data(cfg, verbose=False)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-
-    # model: from scratch, from our checkpoint, or from OpenAI's GPT-2 weights
-    ckpt, start_step, best_val = None, 0, float("inf")
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, cfg)
-        if ckpt.get("tokenizer") != meta["tokenizer"]:
-            raise UserError(f"{ckpt_path} was trained with another tokenizer than --dataset {cfg.dataset}")
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        start_step, best_val = ckpt["step"], ckpt["best_val"]
-    elif cfg.init_from == "scratch":
-        model = GPT(model_config(cfg, meta["vocab_size"]))
-    else:
-        if meta["tokenizer"]["kind"] != "gpt2":
-            raise UserError(f"--init_from {cfg.init_from} needs a GPT-2-tokenized dataset, not {cfg.dataset}")
-        model = GPT.from_pretrained(cfg.init_from, cfg.dropout, os.path.join(cfg.data_dir, "hf"))
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        c = model.config  # the checkpoint records the shape actually trained, for a later resume
-        cfg = dataclasses.replace(cfg, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                                  block_size=c.block_size, bias=c.bias, pos=c.pos)
-    model.grad_ckpt = cfg.grad_ckpt
-    model.to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           cfg.optimizer, cfg.muon_lr)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if world_size == 1:  # the exact continuation: same batches, same dropout masks
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device_type == "cuda" and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        else:  # one saved state cannot serve several ranks: fresh, still rank-distinct streams
-            torch.manual_seed(cfg.seed + rank + 7919 * start_step)
-        ckpt = None  # free the memory
-    raw_model = model
+        dist.barrier()  # rank 0 downloads and tokenizes first; the others then read its cache
+    folder, meta = prepare_data(cfg, verbose=master)
+    if master and world_size > 1:
+        dist.barrier()
+    model, optimizer, cfg, ckpt = init_model(cfg, device, meta, rank, world_size)
+    resumed, ckpt_path = cfg.init_from == "resume", os.path.join(cfg.out_dir, "ckpt.pt")
+    start_step, best_val = (ckpt["step"], ckpt["best_val"]) if resumed else (0, float("inf"))
+    raw_model, ckpt = model, None  # free the checkpoint's memory
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
-        ids = [local_rank] if device_type == "cuda" else None
+        ids = [local_rank] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_step = flops_per_token(raw_model, cfg.block_size) * tokens_per_step
-    peak = measure_peak_flops(device) if master else None
-    if master:
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens per step, "
-              f"{world_size} rank(s) on {device}" + (f", peak {peak / 1e9:.0f} GFLOP/s" if peak else ""))
+    progress = Progress(cfg, raw_model, device, world_size, start_step) if master else None
     rng_state = torch.get_rng_state()  # a checkpoint resumes from the state before its next batch
     X, Y = get_batch(folder, "train", cfg.batch_size, cfg.block_size, device)
-    step, last, health, step_times = start_step, {}, {}, []
-    t_last = time.perf_counter()
+    step, last, health = start_step, {}, {}
     while True:
-        lr = get_lr(step, cfg)
+        lr = get_lr(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        # evaluate (skipped right after a resume: that state was evaluated before it was saved)
-        just_resumed = cfg.init_from == "resume" and step == start_step
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not just_resumed:
-            losses = estimate_loss(model, folder, cfg, ctx, device)
+        # evaluate (not right after a resume: that state was evaluated before it was saved)
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not (resumed and step == start_step):
+            losses = evaluate(model, folder, cfg, ctx, device)
             last = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr, **health}
             if master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_jsonl(cfg, last)
                 if losses["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, losses["val"])
-                    if step > 0:
-                        save_checkpoint(ckpt_path, model, optimizer, cfg, step, best_val, meta["tokenizer"],
-                                        rng_state)
+                    if step > 0:  # model_args and tokenizer let 06_lora_rlhf.py rebuild the model on its own
+                        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+                        save_checkpoint(ckpt_path, model, optimizer, cfg, step, best_val, tokenizer=meta["tokenizer"],
+                                        model_args=dataclasses.asdict(raw_model.config),
+                                        rng={"torch": rng_state, "cuda": cuda_rng})
         if step >= cfg.max_iters:
             break
-        for micro in range(grad_accum):
+        for micro_step in range(grad_accum):
             if world_size > 1:  # all-reduce gradients only on the last micro-batch
-                model.require_backward_grad_sync = micro == grad_accum - 1
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
             with ctx:
                 _, loss = model(X, Y)
                 loss = loss / grad_accum  # the sum over micro-batches is then the mean
@@ -1144,54 +938,20 @@ def train(cfg) -> dict:
             (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure only
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-        track = (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters  # health for the next eval
-        before = None
-        if track and master:
-            before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if before is not None:  # update-to-weight ratio ||dW|| / ||W|| per group (healthy near 1e-3)
-            ratios = {}
-            for name, group, old in zip(("decay", "no_decay", "muon"), optimizer.param_groups, before):
-                dw = torch.stack([(p.detach() - b).norm() for p, b in zip(group["params"], old)]).norm()
-                w = torch.stack([p.detach().norm() for p in group["params"]]).norm()
-                ratios[name] = (dw / w).item()
-            health = {"grad_norm": grad_norm.item(), "update_to_weight": ratios}
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        measure = master and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters)  # for the next eval
+        ratios = optimizer_step(optimizer, scaler, measure)
+        health = {"grad_norm": grad_norm.item(), "update_to_weight": ratios} if measure else health
         step += 1
-        if step % cfg.log_interval == 0 and master:
-            lossf = loss.item() * grad_accum  # .item() waits for the GPU: only on log steps
-            now = time.perf_counter()
-            dt = (now - t_last) / cfg.log_interval
-            t_last = now
-            if step - start_step > cfg.log_interval:  # the first interval includes compilation/warmup
-                step_times.append(dt)
-            mfu = f", MFU {100 * flops_per_step / dt / peak / world_size:.1f}%" if peak else ""
-            eta = (cfg.max_iters - step) * dt
-            print(f"step {step}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/step, "
-                  f"{tokens_per_step / dt:,.0f} tok/s{mfu}, ETA {eta / 60:.1f} min")
-    result = dict(last, best_val=best_val)
-    if step_times:
-        ms = 1000 * float(np.median(step_times))
-        result.update(median_ms_per_step=ms, gflops_per_s=flops_per_step / ms * 1e3 / 1e9 / world_size)
-        if peak:
-            result["mfu"] = flops_per_step / (ms / 1e3) / peak / world_size
-    digests = [weights_digest(raw_model)]
+        if master and step % cfg.log_interval == 0:
+            progress.log(step, loss.item() * grad_accum, lr)  # .item() waits for the GPU: only on log steps
+    result = dict(last, best_val=best_val, **(progress.summary() if master else {}))
+    prints = [fingerprint(raw_model)] * world_size
     if world_size > 1:
-        digests = [None] * world_size
-        dist.all_gather_object(digests, weights_digest(raw_model))
+        dist.all_gather_object(prints, fingerprint(raw_model))
     if master:
-        log_jsonl(cfg, {"final": True, **result, "weights_sha256_per_rank": digests})
-        if step_times:
-            print(f"median {result['median_ms_per_step']:.1f} ms/step, {result['gflops_per_s']:.1f} GFLOP/s"
-                  + (f" = {100 * result['mfu']:.0f}% of the measured peak" if peak else ""))
-        encode, decode = make_tokenizer(meta["tokenizer"])
-        print_samples(raw_model, encode, decode, cfg, device, ctx)
+        log_jsonl(cfg, {"final": True, **result, "fingerprints": prints})
+        print_samples(raw_model, meta["tokenizer"], cfg, device, ctx)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1199,19 +959,17 @@ def train(cfg) -> dict:
 
 
 # --- Evaluation / inference -----------------------------------------------------------------------
-def read_prompt(cfg):
-    if cfg.prompt.startswith("FILE:"):
+def print_samples(model, tokenizer, cfg, device, ctx):
+    """num_samples continuations of --prompt (FILE:path reads it from a file)."""
+    prompt = cfg.prompt
+    if prompt.startswith("FILE:"):
         try:
-            with open(cfg.prompt[5:], encoding="utf-8") as f:
-                return f.read()
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
         except OSError as e:
             raise UserError(f"--prompt {cfg.prompt}: {e.strerror}") from None
-    return cfg.prompt
-
-
-def print_samples(model, encode, decode, cfg, device, ctx):
-    ids = encode(read_prompt(cfg)) or [0]
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T0)
+    encode, decode = make_tokenizer(tokenizer)
+    idx = torch.tensor([encode(prompt) or [0]] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T0)
     model.eval()
     with ctx:
         out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p)
@@ -1219,79 +977,56 @@ def print_samples(model, encode, decode, cfg, device, ctx):
         print(f"--- sample ---\n{decode(row)}")
 
 
-def load_model(cfg, device):
-    """The model for the inference modes -> (model, tokenizer meta): our checkpoint (init_from
-    resume, the shape read from it) or OpenAI's GPT-2 (init_from gpt2* or a folder)."""
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg, check_model=False)
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = ckpt["tokenizer"]
-    elif cfg.init_from == "scratch":
-        raise UserError(f"--mode {cfg.mode} needs a trained model: --init_from resume or gpt2*")
-    else:
-        model, tokenizer = GPT.from_pretrained(cfg.init_from, 0.0, os.path.join(cfg.data_dir, "hf")), {"kind": "gpt2"}
-    return model.to(device).eval(), tokenizer
+def trained_model(cfg, data=True):
+    """The start of the modes after training -> (model in eval mode, tokenizer meta, device, autocast
+    ctx, prepared data folder, checked to be tokenized as the model expects, or None)."""
+    device, ctx, _ = setup_device(cfg)
+    model, _, _, ckpt = init_model(cfg, device)
+    folder, meta = prepare_data(cfg) if data else (None, None)
+    if data and meta["tokenizer"] != ckpt["tokenizer"]:
+        raise UserError(f"--dataset {cfg.dataset} is not tokenized as the model is ({ckpt['tokenizer']['kind']})")
+    return model, ckpt["tokenizer"], device, ctx, folder
 
 
-def eval_data(cfg, tokenizer):
-    """The prepared dataset for eval modes, checked to use the model's tokenizer."""
-    folder, meta = prepare_data(cfg)
-    if meta["tokenizer"] != tokenizer:
-        raise UserError(f"--dataset {cfg.dataset} is tokenized differently from the model ({tokenizer['kind']})")
-    return folder
-
-
-def val_loss(model, folder, cfg, ctx, device, block_size=None):
-    """Val loss on estimate_loss's fixed batches, so two models (or contexts) compare fairly."""
-    return estimate_loss(model, folder, cfg, ctx, device, block_size, splits=("val",))["val"]
-
-
-def run_eval(cfg, device, ctx):
-    model, tokenizer = load_model(cfg, device)
-    folder = eval_data(cfg, tokenizer)
-    loss = val_loss(model, folder, cfg, ctx, device)
-    print(f"val loss {loss:.4f} over {cfg.eval_iters} batches of {cfg.batch_size}x{cfg.block_size}")
-    result = {"val_loss": loss}
-    if cfg.quantize == "int8":
-        before, after = quantize_int8(model)
-        q_loss = val_loss(model, folder, cfg, ctx, device)
-        print(f"int8: Linear weights {before / 1e6:.3f} MB -> {after / 1e6:.3f} MB ({before / after:.2f}x smaller), "
-              f"val loss {q_loss:.4f} ({100 * (q_loss - loss) / loss:+.3f}%)")
-        result.update(int8_val_loss=q_loss, bytes_before=before, bytes_after=after)
-    elif cfg.quantize != "none":
-        raise UserError(f"--quantize must be none or int8, not {cfg.quantize!r}")
-    return result
-
-
-def run_sample(cfg, device, ctx):
-    model, tokenizer = load_model(cfg, device)
+def run_sample(cfg):
+    model, tokenizer, device, ctx, _ = trained_model(cfg, data=False)
     if cfg.quantize == "int8":
         quantize_int8(model)
-    encode, decode = make_tokenizer(tokenizer)
     torch.manual_seed(cfg.seed)
-    print_samples(model, encode, decode, cfg, device, ctx)
+    print_samples(model, tokenizer, cfg, device, ctx)
 
 
-def run_extrapolate(cfg, device, ctx):
+def run_eval(cfg):
+    """Val loss on evaluate's fixed batches, and with --quantize int8 the same batches after quantizing."""
+    model, _, device, ctx, folder = trained_model(cfg)
+    loss = evaluate(model, folder, cfg, ctx, device, splits=("val",))["val"]
+    print(f"val loss {loss:.4f} over {cfg.eval_iters} batches of {cfg.batch_size}x{cfg.block_size}")
+    if cfg.quantize == "none":
+        return {"val_loss": loss}
+    before, after = quantize_int8(model)
+    q_loss = evaluate(model, folder, cfg, ctx, device, splits=("val",))["val"]
+    print(f"int8: Linear weights {before / 1e6:.3f} MB -> {after / 1e6:.3f} MB ({before / after:.2f}x smaller), "
+          f"val loss {q_loss:.4f} ({100 * (q_loss - loss) / loss:+.3f}%)")
+    return {"val_loss": loss, "int8_val_loss": q_loss, "bytes_before": before, "bytes_after": after}
+
+
+def run_extrapolate(cfg):
     """Val loss at 1x, 2x and 4x the training context (Press et al. 2022, §4): learned positions
     stop at block_size; RoPE and ALiBi run on. Also the loss per position at 4x, plotted."""
-    model, tokenizer = load_model(cfg, device)
-    folder = eval_data(cfg, tokenizer)
-    T = model.config.block_size
-    result = {"pos": model.config.pos, "block_size": T}
-    print(f"pos={model.config.pos}, trained at block_size {T}\n  context  val loss")
+    model, _, device, ctx, folder = trained_model(cfg)
+    T, pos = model.config.block_size, model.config.pos
+    result = {"pos": pos, "block_size": T}
+    print(f"pos={pos}, trained at block_size {T}\n  context  val loss")
     for factor in (1, 2, 4):
-        if model.config.pos == "learned" and factor > 1:
+        if pos == "learned" and factor > 1:
             result[f"{factor}x"] = None
             print(f"  {factor}x {factor * T:>5}  n/a (no learned position past {T})")
-            continue
-        result[f"{factor}x"] = val_loss(model, folder, cfg, ctx, device, factor * T)
-        print(f"  {factor}x {factor * T:>5}  {result[f'{factor}x']:.4f}")
+        else:
+            result[f"{factor}x"] = evaluate(model, folder, cfg, ctx, device, factor * T, splits=("val",))["val"]
+            print(f"  {factor}x {factor * T:>5}  {result[f'{factor}x']:.4f}")
     with open(os.path.join(cfg.out_dir, "extrapolate.json"), "w") as f:
         json.dump(result, f)
-    # loss at each position, averaged over batches, for the longest context the model can take
-    T_long = T if model.config.pos == "learned" else 4 * T
+    T_long = T if pos == "learned" else 4 * T  # the loss at each position, over the longest context it takes
     gen, per_pos = torch.Generator().manual_seed(cfg.seed), torch.zeros(T_long)
     with torch.no_grad():
         for _ in range(cfg.eval_iters):
@@ -1299,33 +1034,29 @@ def run_extrapolate(cfg, device, ctx):
             with ctx:
                 logits, _ = model(X, Y)
             per_pos += F.cross_entropy(logits.float().transpose(1, 2), Y, reduction="none").mean(0).cpu()
-    per_pos /= cfg.eval_iters
-    save_plot(cfg, "extrapolate.png", range(T_long), per_pos.tolist(), "token position",
-              f"val loss (pos={model.config.pos})", f"trained at {T} (dashed)", vline=T)
+    save_plot(cfg, "extrapolate.png", range(T_long), (per_pos / cfg.eval_iters).tolist(), "token position",
+              f"val loss (pos={pos})", f"trained at {T} (dashed)", vline=T)
     return result
 
 
-def run_landscape(cfg, device, ctx):
+def run_landscape(cfg):
     """Loss along theta + alpha d for a random direction d, filter-normalized (Li et al. 2018, §4):
     each row of each weight matrix of d is rescaled to the norm of the same row of theta; biases and
     LayerNorm gains get no perturbation. A sharp valley rises fast, a flat one slowly."""
-    model, tokenizer = load_model(cfg, device)
-    folder = eval_data(cfg, tokenizer)
+    model, _, device, ctx, folder = trained_model(cfg)
     torch.manual_seed(cfg.seed)
-    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
-    direction = {}
+    theta, direction = {n: p.detach().clone() for n, p in model.named_parameters()}, {}
     for n, p in theta.items():
         d = torch.randn_like(p) if p.dim() >= 2 else torch.zeros_like(p)
         if p.dim() >= 2:  # (rows, cols): one "filter" per row
             d *= p.norm(dim=1, keepdim=True) / (d.norm(dim=1, keepdim=True) + 1e-10)
         direction[n] = d
-    alphas = [i / 10 for i in range(-10, 11)]
-    losses = []
+    alphas, losses = [i / 10 for i in range(-10, 11)], []
     for alpha in alphas:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(theta[n] + alpha * direction[n])
-        losses.append(val_loss(model, folder, cfg, ctx, device))
+        losses.append(evaluate(model, folder, cfg, ctx, device, splits=("val",))["val"])
         print(f"alpha {alpha:+.1f}: val loss {losses[-1]:.4f}")
     save_plot(cfg, "landscape.png", alphas, losses, "alpha (step along the direction)", "val loss",
               "1-D loss slice, filter-normalized direction")
@@ -1333,13 +1064,13 @@ def run_landscape(cfg, device, ctx):
 
 
 def save_plot(cfg, name, x, y, xlabel, ylabel, title, vline=None):
+    """A line plot to out_dir/name (skipped, with a note, without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"(matplotlib is not installed: pip install matplotlib to get {name})")
-        return
+        return print(f"(matplotlib is not installed: pip install matplotlib to get {name})")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(list(x), y)
     if vline is not None:
@@ -1347,33 +1078,27 @@ def save_plot(cfg, name, x, y, xlabel, ylabel, title, vline=None):
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, name)
-    fig.savefig(path + ".tmp.png")
+    fig.savefig(path + ".tmp.png")  # then renamed: a crash never leaves half a picture
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     print(f"wrote {path}")
 
 
-def run_bench(cfg, device, ctx):
+def run_bench(cfg):
     """Training speed (ms/step, tokens/s, achieved FLOP/s, MFU) on real batches with a fresh model
     of the configured shape, the activation memory kept for backward, and generation tokens/s
     with and without the KV cache (batch 1, max_new_tokens from a one-token prompt)."""
+    device, ctx, _ = setup_device(cfg)
     folder, meta = prepare_data(cfg)
     torch.manual_seed(cfg.seed)
-    model = GPT(model_config(cfg, meta["vocab_size"])).to(device)
-    model.grad_ckpt = cfg.grad_ckpt
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.split(":")[0], cfg.optimizer, cfg.muon_lr)
-    fwd = torch.compile(model) if cfg.compile else model
-    cuda = device.startswith("cuda")
+    model, optimizer, _, _ = init_model(dataclasses.replace(cfg, init_from="scratch"), device, meta)
+    fwd, cuda = torch.compile(model) if cfg.compile else model, device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    saved, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    saved = {}  # storage -> bytes of the activations autograd keeps for backward (any device)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = t.untyped_storage().nbytes()
+    def pack(t):  # the bytes of each storage autograd keeps for backward, weights excluded
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     times = []
@@ -1381,62 +1106,250 @@ def run_bench(cfg, device, ctx):
         X, Y = get_batch(folder, "train", cfg.batch_size, cfg.block_size, device)
         sync()
         t0 = time.perf_counter()
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else nullcontext()
-        with hooks, ctx:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if i == 0 else nullcontext(), ctx:
             _, loss = fwd(X, Y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, None)
         sync()
-        if i >= 5:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     activation_mb = sum(saved.values()) / 1e6
     if cfg.grad_ckpt:  # checkpoints hold each block's float32 input outside autograd's saved tensors
         activation_mb += cfg.n_layer * cfg.batch_size * cfg.block_size * cfg.n_embd * 4 / 1e6
-    ms = 1000 * float(np.median(times))
-    tokens = cfg.batch_size * cfg.block_size
-    achieved = flops_per_token(model, cfg.block_size) * tokens / (ms / 1e3)
-    peak = measure_peak_flops(device)
+    ms, tokens = 1000 * float(np.median(times[5:])), cfg.batch_size * cfg.block_size
+    achieved, peak = flops_per_token(model, cfg.block_size) * tokens / (ms / 1e3), measure_peak_flops(device)
     mfu = f", MFU {100 * achieved / peak:.1f}% of {peak / 1e9:.0f} GFLOP/s" if peak else ""
     print(f"train: {ms:.1f} ms/step (median of 20), {tokens / ms * 1e3:,.0f} tokens/s, "
           f"{achieved / 1e9:.1f} GFLOP/s{mfu}; activations kept for backward {activation_mb:.1f} MB"
           + (f", peak CUDA memory {torch.cuda.max_memory_allocated(device) / 1e6:.0f} MB" if cuda else ""))
-    model.eval()
     result = {"ms_per_step": ms, "tokens_per_s": tokens / ms * 1e3, "flops_per_s": achieved,
               "mfu": achieved / peak if peak else None, "activation_mb": activation_mb}
-    for use_cache in (False, True):
+    model.eval()
+    for kind in ("uncached", "cached"):
         torch.manual_seed(cfg.seed)
-        idx = torch.zeros(1, 1, dtype=torch.long, device=device)
         sync()
         t0 = time.perf_counter()
         with ctx:
-            model.generate(idx, cfg.max_new_tokens, cfg.temperature, use_cache=use_cache)
+            model.generate(torch.zeros(1, 1, dtype=torch.long, device=device), cfg.max_new_tokens, cfg.temperature,
+                           use_cache=kind == "cached")
         sync()
-        key = 'gen_tokens_per_s_' + ('cached' if use_cache else 'uncached')
-        result[key] = cfg.max_new_tokens / (time.perf_counter() - t0)
-    speedup = result["gen_tokens_per_s_cached"] / result["gen_tokens_per_s_uncached"]
+        result[f"gen_tokens_per_s_{kind}"] = cfg.max_new_tokens / (time.perf_counter() - t0)
     print(f"generate {cfg.max_new_tokens} tokens at block_size {cfg.block_size}: "
           f"{result['gen_tokens_per_s_uncached']:.3g} tok/s uncached, {result['gen_tokens_per_s_cached']:.3g} tok/s "
-          f"with the KV cache ({speedup:.1f}x)")
+          f"with the KV cache ({result['gen_tokens_per_s_cached'] / result['gen_tokens_per_s_uncached']:.1f}x)")
     return result
 
 
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
+    return run_cli({"train": train, "sample": run_sample, "eval": run_eval, "bench": run_bench,
+                    "extrapolate": run_extrapolate, "landscape": run_landscape}, argv)
+
+
+# --- Plumbing: the same in every script ----------------------------------------------------------
+# Flags, devices, DDP, downloads, checkpoints, logs: byte-identical in all seven scripts (a test
+# compares them), so read it once. What differs per script comes from the constants beside Config
+# (SCRIPT_NAME, PRESETS, DEFAULT_PRESET, RULES, MODEL_KEYS) and from its check_config(cfg).
+class UserError(Exception):
+    """A problem the user can fix (missing data, a foreign checkpoint): one `error:` line, exit 1."""
+
+
+def parse_args(argv=None) -> Config:
+    """`--preset NAME` (then PRESETS["NAME/<mode>"] if there is one), then `--field=value` or
+    `--field value` for any Config field, then RULES and check_config. A bad flag or value exits
+    with status 2 and names the flag; --help lists every field with its default and comment."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
+
+    def fail(msg):
+        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        sys.exit(2)
+
+    if "-h" in argv or "--help" in argv:
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+        print(f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(presets)}] [--field=value ...]")
+        for name, f in {"preset": dataclasses.field(default=DEFAULT_PRESET), **fields}.items():
+            print(f"  --{name}={f.default!s}".ljust(36) + helps.get(name, "overrides applied before the flags"))
+        sys.exit(0)
+    overrides, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or (name not in fields and name != "preset"):
+            fail(f"unknown flag {argv[i]}" if argv[i].startswith("--") else f"unexpected argument {argv[i]!r}")
+        kind = fields[name].type if name in fields else str
+        if not eq:  # `--name value`, or a bare boolean flag meaning true
+            bare = kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if not bare and i + 1 == len(argv):
+                fail(f"--{name} needs a value")
+            value, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        i += 1
+        try:
+            overrides[name] = bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            fail(f"--{name} expects {kind.__name__}, got {value!r}")
+    preset = overrides.pop("preset", DEFAULT_PRESET)
+    if preset not in presets:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    mode = overrides.get("mode", PRESETS[preset].get("mode", Config.mode))
+    cfg = Config(**{**PRESETS[preset], **PRESETS.get(f"{preset}/{mode}", {}), **overrides})
+    bounds = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    for name, rule in RULES.items():  # a tuple lists the allowed values; a string bounds a number
+        value, choices = getattr(cfg, name), isinstance(rule, tuple)
+        if not (value in rule if choices else math.isfinite(value) and bounds[rule](value)):
+            fail(f"--{name} must be {'one of ' + ', '.join(map(str, rule)) if choices else rule}, not {value!r}")
+    try:
+        check_config(cfg)  # the rules that tie several flags together
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def run_cli(modes, argv=None):
+    """Parse the flags, check --device and --out_dir before any work, run modes[cfg.mode](cfg).
+    A UserError ends the run with its message on one line and exit status 1, not a traceback."""
     cfg = parse_args(argv)
     try:
-        if cfg.mode not in MODES:
-            raise UserError(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
-        if cfg.mode == "train":
-            return train(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        device, ctx, _ = setup_device(cfg)
-        run = {"sample": run_sample, "eval": run_eval, "bench": run_bench,
-               "extrapolate": run_extrapolate, "landscape": run_landscape}[cfg.mode]
-        return run(cfg, device, ctx)
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        have = ["cpu"] + cuda + ["mps"] * torch.backends.mps.is_available()
+        if cfg.device != "auto" and cfg.device not in have:
+            raise UserError(f"--device {cfg.device} is not available here; this machine has: auto, {', '.join(have)}")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out_dir).close()
+        except OSError as e:
+            raise UserError(f"--out_dir {cfg.out_dir} is not a folder this user can write ({e.strerror})") from None
+        return modes[cfg.mode](cfg)
     except UserError as e:
         print(f"{SCRIPT_NAME}.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def setup_ddp():
+    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size). nccl on CUDA,
+    gloo on CPU. Rank 0 alone logs, downloads and saves."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def setup_device(cfg, local_rank=0):
+    """-> (device, autocast context, GradScaler or None). cuda > mps > cpu unless --device says
+    otherwise. dtype `auto` picks bfloat16 where the GPU runs it natively, else float16 with a
+    GradScaler (it scales the loss up so small float16 gradients do not underflow), else float32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = f"cuda:{local_rank}" if device == "cuda" else device, cfg.dtype
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # CPUs without AMX run bfloat16 matmuls slower than float32
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, ctx, torch.amp.GradScaler(device_type) if dtype == "float16" else None
+
+
+def download(url, path, sha256=None, magic=None, headers=None):
+    """Fetch `url` to `path` unless it is there, through `path + ".part"` and a rename after a check
+    (the sha256 if pinned, else the first bytes: `magic`, and never a proxy's HTML page), so a cut,
+    corrupt or wrong download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    import requests  # only needed when something is actually downloaded
+
+    tmp, hint, head = path + ".part", f"download it by hand from {url} and save it as {path}", b""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total, digest = int(r.headers.get("content-length", 0)), hashlib.sha256()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                head = head or chunk[:64]
+                pct = f" {100 * f.tell() / total:5.1f}%" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {f.tell() / 1e6:.1f} MB{pct}", end="", flush=True)
+        print()
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}). If this machine is "
+                        f"offline, {hint} (or point --data_dir / LLM_DATA_DIR at a folder that has it).") from None
+    wrong = (f"sha256 {digest.hexdigest()}, expected {sha256}" if sha256 and digest.hexdigest() != sha256 else
+             f"it does not start with {magic!r}" if magic and not head.startswith(magic) else
+             "it is an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else None)
+    if wrong:
+        os.remove(tmp)
+        raise UserError(f"{url} did not send the expected file ({wrong}); run again, or {hint}")
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model):
+    """The plain nn.Module inside DDP(...) and torch.compile(...) wrappers, in any order."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
+    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+                "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_KEYS):
+    """torch.load with weights_only=True (a pickle cannot run code), refusing a checkpoint that is
+    missing, truncated, from another script or stage, or of another shape than `cfg` on `keys`."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a pickle with code in it, another format
+        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script or (stage and ckpt.get("stage") != stage):
+        got = f"{ckpt.get('script')} {ckpt.get('stage')}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {script}.py {stage + ' ' if stage else ''}checkpoint (it is: {got})")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
+            for k in keys if cfg is not None and ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
+    return ckpt
+
+
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+    """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
+    with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
+    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
+    ckpt = load_checkpoint(path, cfg, stage)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank + 7919 * ckpt["step"])
+    else:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def fingerprint(model):
+    """16 hex digits of sha256 over every parameter: equal on DDP ranks iff their weights are."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_jsonl(cfg, record):
+    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ Run it:
     python 05_flash_attn.py --mode io                    # the paper's IO accounting, printed
     python 05_flash_attn.py --mode train                 # tiny LM: naive vs tiled, same seed
     python 05_flash_attn.py --preset gpu                 # one GPU: adds the Triton kernel to the bench
-    torchrun --standalone --nproc_per_node=8 05_flash_attn.py --preset gpu --mode train   # DDP
+    torchrun --standalone --nproc_per_node=8 05_flash_attn.py --preset gpu --mode train \
+        --gradient_accumulation_steps=8                  # DDP: 8 GPUs, one micro-batch each per step
     python 05_flash_attn.py --help                       # every flag, its default and meaning
 
-Expected result (README table): forward+backward peak memory at N=8192, d=64, one head (CPU):
-tiled 8.2 MiB vs naive 772 MiB (1.1%); relative errors vs float64 ~4e-7 in float32, ~5e-4 in
-float16, ~5e-3 in bfloat16 for every implementation; in --mode train the naive and tiled loss
-curves agree to float32 rounding (max |difference| ~5e-7 with --preset tiny).
+Expected result (README table): what autograd keeps for the backward pass at N=8192, d=64, one head,
+float32: naive 256 MiB (P, quadratic in N) vs tiled 2.0 MiB (O and L, linear in N); relative errors
+vs float64 ~4e-7 in float32, ~5e-4 in float16, ~5e-3 in bfloat16 for every implementation; in
+--mode train the naive and tiled loss curves agree to float32 rounding (--preset tiny: ~5e-7).
 
 Notation (the FlashAttention-2 paper's): B batch, H heads, N_q / N_k query / key lengths (N when
 equal), d head dim; Q, K, V, O in R^{N x d}; S = Q K^T / sqrt(d) the scores, P = softmax(S) the
@@ -41,26 +42,21 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # Triton is optional: everything but the kernel runs without it
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
+# --- Config ---------------------------------------------------------------------------------------
 SCRIPT_NAME = "05_flash_attn"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
 
 
-# --- Config ---------------------------------------------------------------------------------------
 @dataclass
 class Config:
     # I/O
@@ -89,7 +85,7 @@ class Config:
     block_size: int = 128  # context length T
     # training (--mode train)
     batch_size: int = 16  # sequences per micro-batch (per rank)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all ranks (as nanoGPT)
     max_iters: int = 300  # optimizer steps
     learning_rate: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # final learning rate of the cosine schedule
@@ -121,197 +117,40 @@ PRESETS = {
 DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+ATTN_IMPLS = ("naive", "flash", "sdpa", "triton")
+# One rule per flag that has a range: a tuple lists the allowed values, a string bounds a number.
+RULES = {"mode": ("bench", "io", "train"), "init_from": ("scratch", "resume"),
+         "dtype": ("auto", "float32", "bfloat16", "float16"), "window": ">= 0",
+         **dict.fromkeys(("block_q", "block_k", "bench_batch", "bench_heads", "bench_head_dim", "bench_repeats",
+                          "accuracy_n", "io_sram_kb", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                          "gradient_accumulation_steps", "learning_rate", "eval_interval", "eval_iters",
+                          "log_interval"), "> 0"),
+         **dict.fromkeys(("max_iters", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"),
+                         ">= 0")}
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, wrong checkpoint): main() prints the
-    message and exits with status 1 instead of showing a traceback."""
+def check_config(cfg):
+    """The rules that tie flags together or read a list: ValueError("--flag ...") -> exit 2."""
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}: "
+                         f"the heads would have different head dims")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr={cfg.min_lr} is above --learning_rate={cfg.learning_rate}")
+    if not all(s.strip().isdigit() and int(s) > 0 for s in cfg.bench_sizes.split(",")):
+        raise ValueError(f"--bench_sizes must be a comma-separated list of positive integers, "
+                         f"not {cfg.bench_sizes!r}")
+    impls = cfg.attn_impls.split(",")
+    unknown = [name for name in impls if name not in ATTN_IMPLS]
+    if unknown:
+        raise ValueError(f"--attn_impls: unknown attention implementation {unknown[0]!r} ({', '.join(ATTN_IMPLS)})")
+    if cfg.window and set(impls) - {"naive", "flash"}:
+        raise ValueError(f"--window works with the naive and flash implementations, not {cfg.attn_impls}")
+    if cfg.mode == "train" and "triton" in impls and not triton_blocks_ok(cfg.block_q, cfg.block_k):
+        raise ValueError(f"--block_q={cfg.block_q} --block_k={cfg.block_k}: the Triton kernel needs "
+                         f"powers of two >= 16 (the PyTorch version takes any size)")
 
 
-def _field_help():
-    """Each Config field's trailing `# comment`, read from this file's source, for --help."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def _parse_value(name, kind, text):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError
-    return kind(text)
-
-
-def usage():
-    helps = _field_help()
-    lines = [f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(PRESETS)}] [--field=value ...]",
-             f"  --preset NAME  overrides applied before the flags (default: {DEFAULT_PRESET})"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s}".ljust(36) + helps.get(f.name, ""))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None) -> Config:
-    """`--preset NAME`, then `--field=value` or `--field value` for every Config field.
-    An unknown flag or a badly typed value exits with status 2 and names the flag."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-
-    def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
-        sys.exit(2)
-
-    preset, overrides, i = DEFAULT_PRESET, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            fail(f"unexpected argument {arg!r}")
-        name, eq, value = arg[2:].partition("=")
-        if name != "preset" and name not in kinds:
-            fail(f"unknown flag --{name}")
-        if not eq:  # `--name value`, or a bare boolean flag meaning true
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if kinds.get(name) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                fail(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if name == "preset":
-            if value not in PRESETS:
-                fail(f"unknown preset {value!r} for --preset (choose from {', '.join(PRESETS)})")
-            preset = value
-            continue
-        try:
-            overrides[name] = _parse_value(name, kinds[name], value)
-        except ValueError:
-            fail(f"--{name} expects {kinds[name].__name__}, got {value!r}")
-    return Config(**{**PRESETS[preset], **overrides})
-
-
-def setup_ddp():
-    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size).
-    nccl on CUDA, gloo on CPU. Rank 0 alone logs, downloads and saves."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, autocast context, GradScaler or None).
-    Device: cuda > mps > cpu unless --device says otherwise. dtype `auto` picks bfloat16 where the
-    hardware runs it natively, else float16 with a GradScaler (which rescales the loss so small
-    float16 gradients do not underflow), else float32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    device_type = device.split(":")[0]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    return device, ctx, scaler
-
-
-# --- Data -----------------------------------------------------------------------------------------
-# The attention functions need no dataset; --mode train uses characters of tiny Shakespeare.
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def download(url, path, sha256=None):
-    """Fetch `url` to `path` unless it is already there: streamed to `path + ".part"` with a progress
-    line, checked against `sha256` when known, then renamed into place, so an interrupted or corrupt
-    download never leaves a file that looks complete."""
-    if os.path.exists(path):
-        return path
-    import requests  # only needed when something is actually downloaded
-
-    tmp = path + ".part"
-    hint = f"download it by hand from {url} and save it as {path}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with requests.get(url, stream=True, timeout=30) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            digest, done = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    pct = f" {100 * done / total:5.1f}%" if total else ""
-                    print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
-        print()
-    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"
-                        f"If this machine is offline, {hint} (or point --data_dir / LLM_DATA_DIR "
-                        f"at a folder that has it).") from None
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise UserError(f"{url} arrived corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                        f"run again, or {hint}")
-    os.replace(tmp, path)
-    return path
-
-
-def prepare_data(cfg):
-    """Character-level tiny Shakespeare -> out_dir/{train,val}.bin (uint16 ids, 90/10 split) and
-    out_dir/meta.json (the vocabulary). Returns the vocabulary size."""
-    meta_path = os.path.join(cfg.out_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        src = download(DATA_URL, os.path.join(cfg.data_dir, "tinyshakespeare", "input.txt"), DATA_SHA256)
-        with open(src, encoding="utf-8") as f:
-            text = f.read()
-        chars = sorted(set(text))
-        stoi = {ch: i for i, ch in enumerate(chars)}
-        ids = torch.tensor([stoi[ch] for ch in text], dtype=torch.int16).numpy().view("uint16")
-        n_train = int(0.9 * len(ids))
-        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
-            tmp = os.path.join(cfg.out_dir, f"{split}.bin.tmp")
-            part.tofile(tmp)
-            os.replace(tmp, os.path.join(cfg.out_dir, f"{split}.bin"))
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump({"chars": chars}, f)
-        os.replace(meta_path + ".tmp", meta_path)
-    with open(meta_path) as f:
-        return len(json.load(f)["chars"])
-
-
-def get_batch(cfg, split, device, generator=None):
-    """A random batch of `batch_size` windows from the uint16 memmap -> (x, y), each (B, T)."""
-    import numpy as np
-
-    data = np.memmap(os.path.join(cfg.out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    ix = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
-    return x.to(device), y.to(device)  # (B, T), (B, T)
-
-
-# --- Model: attention, three ways -------------------------------------------------------------------
+# --- Milestone: attention three ways -- naive, online softmax, tiled (FlashAttention-2) -----------
 def naive_attention(q, k, v, causal=False, mask=None):
     """The textbook O = softmax(Q K^T / sqrt(d)) V, materializing the (N_q, N_k) score matrix.
     q (B, H, N_q, d), k and v (B, H, N_k, d). `causal` is bottom-right aligned (query i sees keys
@@ -398,26 +237,22 @@ def attention_mask(n_q, n_k, causal=False, window=None, layout=None, block_q=64,
 
 def _check_qkv(q, k, v, block_q, block_k, window=None, layout=None):
     """Clear ValueErrors for inputs the kernels cannot take (instead of a shape error deep inside)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, N, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"q, k, v need the same batch and head counts; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+            and k.shape[2] == v.shape[2]):
+        raise ValueError(f"q, k, v must be (B, H, N_q, d), (B, H, N_k, d), (B, H, N_k, d); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
         raise ValueError(f"head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v need the same length; got {k.shape[-2]} and {v.shape[-2]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive; got block_q={block_q}, block_k={block_k}")
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of keys or None; got {window}")
-    if layout is not None:
-        want = (math.ceil(q.shape[-2] / block_q), math.ceil(k.shape[-2] / block_k))
-        if tuple(layout.shape) != want:
-            raise ValueError(f"layout must have one entry per tile, shape {want} for N_q={q.shape[-2]}, "
-                             f"N_k={k.shape[-2]}, block_q={block_q}, block_k={block_k}; got {tuple(layout.shape)}")
+    want = (math.ceil(q.shape[-2] / block_q), math.ceil(k.shape[-2] / block_k))
+    if layout is not None and tuple(layout.shape) != want:
+        raise ValueError(f"layout must have one entry per tile, shape {want} for N_q={q.shape[-2]}, "
+                         f"N_k={k.shape[-2]}, block_q={block_q}, block_k={block_k}; got {tuple(layout.shape)}")
 
 
 def _tiles(n, block):
@@ -525,7 +360,7 @@ def flash_attention(q, k, v, causal=False, block_q=64, block_k=64, window=None, 
     return FlashAttention.apply(q, k, v, causal, block_q, block_k, window, keep)
 
 
-# --- Model: the same algorithm as a Triton kernel ----------------------------------------------------
+# --- Milestone: the same algorithm as a Triton kernel ---------------------------------------------
 # A Triton program is written for ONE tile and launched on a grid: program (i, b*H + h) owns query
 # block i of head h in batch b, exactly the body of the outer loop above. Triton turns the block
 # operations (tl.load of a B_r x d tile, tl.dot, tl.max) into code for the GPU's threads, keeps the
@@ -537,6 +372,12 @@ def flash_attention(q, k, v, causal=False, block_q=64, block_k=64, window=None, 
 #    columns get score -inf), so any N works with power-of-two blocks; d is padded the same way;
 #  * the backward runs as two kernels, one per key block (dK_j, dV_j) and one per query block
 #    (dQ_i), each recomputing P: no atomics, at the price of computing S twice.
+try:  # Triton is optional: everything but the kernel runs without it
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
 LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
@@ -572,12 +413,9 @@ if HAS_TRITON:
     def _attn_fwd_kernel(Q, K, V, O, LSE, N_Q, N_K, HEAD_DIM, qk_scale, CAUSAL: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
-        pid_q = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)  # int64: B*H*N*d may exceed 2^31
-        Q += bh * N_Q * HEAD_DIM  # this head's (N_q, d) slice; tensors are contiguous
-        O += bh * N_Q * HEAD_DIM
-        K += bh * N_K * HEAD_DIM
-        V += bh * N_K * HEAD_DIM
+        pid_q, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B*H*N*d may exceed 2^31
+        Q, O = Q + bh * N_Q * HEAD_DIM, O + bh * N_Q * HEAD_DIM  # this head's (N_q, d) slice (contiguous)
+        K, V = K + bh * N_K * HEAD_DIM, V + bh * N_K * HEAD_DIM
         rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (B_r,)
         dims = tl.arange(0, BLOCK_D)  # (B_d,) d padded to a power of two
         q = _load_tile(Q, rows, N_Q, dims, HEAD_DIM)  # (B_r, B_d), stays on chip
@@ -610,14 +448,9 @@ if HAS_TRITON:
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, N_Q, N_K, HEAD_DIM, qk_scale, sm_scale,
                               CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        pid_k = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        Q += bh * N_Q * HEAD_DIM
-        DO += bh * N_Q * HEAD_DIM
-        K += bh * N_K * HEAD_DIM
-        V += bh * N_K * HEAD_DIM
-        DK += bh * N_K * HEAD_DIM
-        DV += bh * N_K * HEAD_DIM
+        pid_k, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        Q, DO = Q + bh * N_Q * HEAD_DIM, DO + bh * N_Q * HEAD_DIM
+        K, V, DK, DV = (t + bh * N_K * HEAD_DIM for t in (K, V, DK, DV))
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # (B_c,) this program's key block
         dims = tl.arange(0, BLOCK_D)
         k = _load_tile(K, cols, N_K, dims, HEAD_DIM)  # K_j, V_j stay on chip
@@ -644,13 +477,9 @@ if HAS_TRITON:
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N_Q, N_K, HEAD_DIM, qk_scale, sm_scale,
                             CAUSAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        pid_q = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        Q += bh * N_Q * HEAD_DIM
-        DO += bh * N_Q * HEAD_DIM
-        DQ += bh * N_Q * HEAD_DIM
-        K += bh * N_K * HEAD_DIM
-        V += bh * N_K * HEAD_DIM
+        pid_q, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        Q, DO, DQ = (t + bh * N_Q * HEAD_DIM for t in (Q, DO, DQ))
+        K, V = K + bh * N_K * HEAD_DIM, V + bh * N_K * HEAD_DIM
         rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # this program's query block
         dims = tl.arange(0, BLOCK_D)
         q = _load_tile(Q, rows, N_Q, dims, HEAD_DIM)
@@ -671,7 +500,7 @@ if HAS_TRITON:
 
 
 def triton_unavailable_reason(device):
-    """None when the Triton kernel can run on `device`, else why not (said once by the caller)."""
+    """None when the Triton kernel can run on `device`, else why not."""
     if not HAS_TRITON:
         return "Triton is not installed (pip install triton; Linux)"
     if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
@@ -679,16 +508,21 @@ def triton_unavailable_reason(device):
     return None
 
 
+def triton_blocks_ok(block_q, block_k):
+    """tl.arange and tl.dot need power-of-two tiles of at least 16."""
+    return all(b >= 16 and not b & (b - 1) for b in (block_q, block_k))
+
+
 class TritonFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, block_q, block_k):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, n_q, d = q.shape
-        n_k = k.shape[2]
         o = torch.empty_like(q)  # (B, H, N_q, d)
         lse = torch.empty(B, H, n_q, dtype=torch.float32, device=q.device)  # L2, base-2 logsumexp
-        meta = _triton_meta(q, causal, block_q, block_k)
-        _attn_fwd_kernel[(triton.cdiv(n_q, block_q), B * H)](q, k, v, o, lse, n_q, n_k, d, d ** -0.5 * LOG2E, **meta)
+        grid = (triton.cdiv(n_q, block_q), B * H)
+        _attn_fwd_kernel[grid](q, k, v, o, lse, n_q, k.shape[2], d, d ** -0.5 * LOG2E,
+                               **_triton_meta(q, causal, block_q, block_k))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (causal, block_q, block_k)
         return o
@@ -703,11 +537,9 @@ class TritonFlashAttention(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # D = rowsum(dO * O)  (B, H, N_q)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         meta = _triton_meta(q, causal, block_q, block_k)
-        scales = (d ** -0.5 * LOG2E, d ** -0.5)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, block_k), B * H)](q, k, v, do, lse, delta, dk, dv, n_q, n_k, d,
-                                                                  *scales, **meta)
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, block_q), B * H)](q, k, v, do, lse, delta, dq, n_q, n_k, d,
-                                                                *scales, **meta)
+        args = (n_q, n_k, d, d ** -0.5 * LOG2E, d ** -0.5)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, block_k), B * H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, block_q), B * H)](q, k, v, do, lse, delta, dq, *args, **meta)
         return dq, dk, dv, None, None, None
 
 
@@ -716,10 +548,6 @@ def _triton_meta(q, causal, block_q, block_k):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # (ignored for 16-bit inputs)
     return dict(CAUSAL=causal, BLOCK_Q=block_q, BLOCK_K=block_k,
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), DOT_PRECISION=precision)
-
-
-def _triton_blocks_ok(cfg):
-    return all(b >= 16 and not b & (b - 1) for b in (cfg.block_q, cfg.block_k))
 
 
 def triton_flash_attention(q, k, v, causal=False, block_q=64, block_k=64):
@@ -731,7 +559,7 @@ def triton_flash_attention(q, k, v, causal=False, block_q=64, block_k=64):
     if reason:
         raise RuntimeError(reason)
     for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if b < 16 or b & (b - 1):
+        if not triton_blocks_ok(b, b):
             raise ValueError(f"{name} must be a power of two >= 16 for the Triton kernel; got {b}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton kernel takes float16, bfloat16 or float32 inputs, not {q.dtype}")
@@ -740,29 +568,30 @@ def triton_flash_attention(q, k, v, causal=False, block_q=64, block_k=64):
     return TritonFlashAttention.apply(q, k, v, causal, block_q, block_k)
 
 
+# --- Milestone: a small GPT whose attention is pluggable ------------------------------------------
 def attention_fn(impl, causal=True, block_q=64, block_k=64, window=None):
     """(q, k, v) -> o for one implementation: naive | flash (tiled PyTorch) | sdpa | triton."""
+    if impl not in ("naive", "flash", "sdpa", "triton"):
+        raise ValueError(f"unknown attention implementation {impl!r} (naive, flash, sdpa or triton)")
+    if window and impl in ("sdpa", "triton"):
+        raise ValueError(f"a window works with the naive and flash implementations, not {impl}")
+    if impl == "naive" and window:
+        return lambda q, k, v: naive_attention(q, k, v, mask=attention_mask(
+            q.shape[2], k.shape[2], causal, window, device=q.device))
     if impl == "naive":
-        if window:
-            return lambda q, k, v: naive_attention(q, k, v, mask=attention_mask(
-                q.shape[2], k.shape[2], causal, window, device=q.device))
         return lambda q, k, v: naive_attention(q, k, v, causal=causal)
     if impl == "flash":
         return lambda q, k, v: flash_attention(q, k, v, causal, block_q, block_k, window)
-    if impl not in ("sdpa", "triton"):
-        raise UserError(f"unknown attention implementation {impl!r} (naive, flash, sdpa or triton)")
-    if window:
-        raise UserError(f"--window works with the naive and flash implementations, not {impl}")
     if impl == "sdpa":  # PyTorch's fused kernel (its is_causal is top-left aligned: fine for N_q == N_k)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return lambda q, k, v: triton_flash_attention(q, k, v, causal, block_q, block_k)
 
 
-# --- Model: a small GPT whose attention is pluggable --------------------------------------------------
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, attend):
         super().__init__()
-        assert n_embd % n_head == 0
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v projections in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd)
@@ -794,7 +623,6 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, attend):
         super().__init__()
-        self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, attend) for _ in range(n_layer))
@@ -820,50 +648,47 @@ class GPT(nn.Module):
         return logits, loss
 
 
-# --- Training: the same LM, trained with naive and with tiled attention --------------------------------
-def save_checkpoint(path, model, optimizer, cfg, step, best_val):
-    """Write the checkpoint to a temporary file, then rename it: a crash mid-write never destroys
-    the previous checkpoint. The RNG state makes a resumed CPU run continue exactly."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
-    raw = getattr(raw, "module", raw)  # and DDP wraps it too
-    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
-    ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "best_val": best_val,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+# --- Data -----------------------------------------------------------------------------------------
+# The attention functions need no dataset; --mode train uses characters of tiny Shakespeare.
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-def load_checkpoint(path, cfg):
-    """Load a checkpoint saved by this script, refusing one whose model shape differs from `cfg`."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle from elsewhere, another format
-        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
-            for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
-    return ckpt
+def prepare_data(cfg):
+    """Character-level tiny Shakespeare -> out_dir/{train,val}.bin (uint16 ids, 90/10 split) and
+    out_dir/meta.json (the vocabulary). Returns the vocabulary size."""
+    meta_path = os.path.join(cfg.out_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        src = download(DATA_URL, os.path.join(cfg.data_dir, "tinyshakespeare", "input.txt"), DATA_SHA256)
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+        chars = sorted(set(text))
+        stoi = {ch: i for i, ch in enumerate(chars)}
+        ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
+        n_train = int(0.9 * len(ids))
+        for split, part in (("train", ids[:n_train]), ("val", ids[n_train:])):
+            part.tofile(os.path.join(cfg.out_dir, f"{split}.bin.tmp"))
+            os.replace(os.path.join(cfg.out_dir, f"{split}.bin.tmp"), os.path.join(cfg.out_dir, f"{split}.bin"))
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump({"chars": chars}, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    with open(meta_path) as f:
+        return len(json.load(f)["chars"])
 
 
-def log_jsonl(cfg, record):
-    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def get_batch(cfg, split, device, generator=None):
+    """A random batch of `batch_size` windows from the uint16 memmap -> (x, y), each (B, T)."""
+    data = np.memmap(os.path.join(cfg.out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    if len(data) <= cfg.block_size + 1:
+        raise UserError(f"--block_size={cfg.block_size} is longer than the {split} split ({len(data)} tokens)")
+    ix = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
+    return x.to(device), y.to(device)  # (B, T), (B, T)
 
 
+# --- Training: the same LM, trained with naive and with tiled attention ---------------------------
 def get_lr(cfg, step):
     """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
     if step < cfg.warmup_iters:
@@ -874,8 +699,24 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def init_model(cfg, impl, device, rank=0, world_size=1):
+    """The LM with attention `impl` and its AdamW, fresh or (--init_from=resume) continued from
+    out_dir/ckpt_<impl>.pt -> (model, optimizer, step, best_val)."""
+    attend = attention_fn(impl, True, cfg.block_q, cfg.block_k, cfg.window or None)
+    model = GPT(prepare_data(cfg), cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, attend).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                                  betas=(0.9, 0.95))
+    if cfg.init_from == "scratch":
+        return model, optimizer, 0, float("inf")
+    ckpt = resume(os.path.join(cfg.out_dir, f"ckpt_{impl}.pt"), cfg, model, optimizer, rank, world_size)
+    return model, optimizer, ckpt["step"], ckpt["best_val"]
+
+
 @torch.no_grad()
-def estimate_loss(model, cfg, device, ctx):
+def evaluate(model, cfg, device, ctx):
     """Mean loss over eval_iters batches per split. The batches come from their own generator with a
     fixed seed: every evaluation sees the same batches and the training RNG is left untouched, so a
     resumed run draws exactly the training batches an uninterrupted one would."""
@@ -894,84 +735,58 @@ def estimate_loss(model, cfg, device, ctx):
 
 
 def train(cfg, impl="flash") -> dict:
-    """Train the LM with attention `impl`; -> {"impl", "losses" (train loss per step), "val", "step"}.
-    Runs under DDP when the process group is up (train_compare sets it up once for all impls)."""
+    """Train the LM with attention `impl`; -> {"impl", "losses" (train loss per step), "val", "step",
+    "weights"}. Runs under DDP when the process group is up (train_compare sets it up once)."""
     ddp = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     device, ctx, scaler = setup_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # float16 scales the loss; else a no-op
     torch.manual_seed(cfg.seed + rank)
-    vocab_size = prepare_data(cfg)  # rank 0 prepared it before the others got here
-    attend = attention_fn(impl, True, cfg.block_q, cfg.block_k, cfg.window or None)
-    model = GPT(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, attend).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
-                                  betas=(0.9, 0.95))
-    ckpt_path = os.path.join(cfg.out_dir, f"ckpt_{impl}.pt")
-    step, best_val = 0, float("inf")
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        if world_size == 1:  # the exact continuation: same batches, same dropout masks
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        else:  # one saved state cannot serve several ranks: fresh, still rank-distinct streams
-            torch.manual_seed(cfg.seed + rank + 7919 * step)
-    elif cfg.init_from != "scratch":
-        raise UserError(f"--init_from must be scratch or resume, not {cfg.init_from!r}")
-    start_step = step
-    raw_model = model
+    model, optimizer, step, best_val = init_model(cfg, impl, device, rank, world_size)
+    raw_model, start_step = model, step
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size
+    grad_accum = cfg.gradient_accumulation_steps // world_size  # micro-steps on this rank
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     losses, metrics, t0 = [], {}, time.time()
     while True:
         resumed_here = 0 < start_step == step < cfg.max_iters  # evaluated just before the checkpoint
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not resumed_here:
-            metrics = estimate_loss(model, cfg, device, ctx)
+            metrics = evaluate(model, cfg, device, ctx)
             if master:
                 print(f"[{impl}] step {step}: train loss {metrics['train']:.4f}, val loss {metrics['val']:.4f}")
                 log_jsonl(cfg, {"impl": impl, "step": step, "train_loss": metrics["train"],
                                 "val_loss": metrics["val"], "lr": get_lr(cfg, step)})
                 if metrics["val"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, metrics["val"])
-                    save_checkpoint(ckpt_path, model, optimizer, cfg, step, best_val)
+                    save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{impl}.pt"), model, optimizer, cfg, step,
+                                    best_val)
         if step >= cfg.max_iters:
             break
         lr = get_lr(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
+        for micro_step in range(grad_accum):
             x, y = get_batch(cfg, "train", device)
-            if ddp:  # all-reduce the gradients only on the last micro-batch
-                model.require_backward_grad_sync = micro == cfg.gradient_accumulation_steps - 1
+            model.require_backward_grad_sync = micro_step == grad_accum - 1  # DDP: all-reduce once, at the end
             with ctx:
-                loss = model(x, y)[1] / cfg.gradient_accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
+                loss = model(x, y)[1] / grad_accum
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item() * cfg.gradient_accumulation_steps)
+        losses.append(loss.item() * grad_accum)
         step += 1
         if master and step % cfg.log_interval == 0:
             dt = (time.time() - t0) / cfg.log_interval
             print(f"[{impl}] step {step}: loss {losses[-1]:.4f}, lr {lr:.2e}, "
                   f"{tokens_per_step / dt:,.0f} tok/s, {1000 * dt:.1f} ms/step")
             t0 = time.time()
-    digest = hashlib.sha256(b"".join(p.detach().cpu().double().numpy().tobytes()
-                                     for p in raw_model.parameters())).hexdigest()[:16]
+    digest = fingerprint(raw_model)
     if ddp:  # every rank must hold the same weights: DDP averaged the same gradients everywhere
         digests = [None] * world_size
         dist.all_gather_object(digests, digest)
@@ -984,15 +799,15 @@ def train_compare(cfg) -> dict:
     """--mode train: the same LM from the same seed, once per implementation in --attn_impls. With
     exact attention the loss curves may differ only by float rounding (the tiled sum adds in
     another order)."""
-    impls = [s for s in cfg.attn_impls.split(",") if s]
-    if not impls:
-        raise UserError("--attn_impls needs at least one of naive, flash, sdpa, triton")
+    impls = cfg.attn_impls.split(",")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps "
+                        f"over all ranks: make it a multiple of the {world_size} ranks")
+    reason = triton_unavailable_reason(setup_device(cfg)[0]) if "triton" in impls else None
+    if reason:
+        raise UserError(f"--attn_impls asks for triton, but {reason}")
     rank, local_rank, world_size = setup_ddp()
-    for impl in impls:
-        attention_fn(impl, True, cfg.block_q, cfg.block_k, cfg.window or None)  # unknown name: fail now
-        reason = triton_unavailable_reason(setup_device(cfg, local_rank)[0]) if impl == "triton" else None
-        if reason:
-            raise UserError(f"--attn_impls asks for triton, but {reason}")
     if rank == 0:
         prepare_data(cfg)  # download / tokenize once, before the other ranks read it
     if world_size > 1:
@@ -1014,86 +829,54 @@ def train_compare(cfg) -> dict:
     return results
 
 
-# --- Evaluation: time, memory, accuracy, IO ------------------------------------------------------------
+# --- Evaluation / inference: time, memory, accuracy, IO -------------------------------------------
 def attention_flops(batch, heads, n, d, causal):
     """Forward FLOPs: two (N x N x d) matmuls, 2 FLOPs per multiply-add -> 4 B H N^2 d, halved when
     causal (half the tiles are skipped). The backward has five such matmuls: 2.5x the forward."""
     return 4 * batch * heads * n * n * d // (2 if causal else 1)
 
 
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_ms(fn, device, repeats):
     """Median wall time of fn() in milliseconds, after one warm-up call (kernel compilation, caches)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync()
         times.append(1000 * (time.perf_counter() - t0))
     return sorted(times)[len(times) // 2]
 
 
-def peak_memory_bytes(fn, device):
-    """Peak bytes allocated by PyTorch while fn() runs, above what was allocated before it.
-    CUDA: the caching allocator's own statistics (max_memory_allocated).
-    CPU: there are no allocator statistics, so we read the allocator's event stream instead: with
-    profile_memory=True, c10's CPU allocator reports every allocation and every free to the profiler
-    as a "[memory]" event carrying a signed byte count. Their running sum, in time order, is the
-    number of bytes live that were allocated inside fn; its maximum is the peak. This counts what
-    saved_tensors_hooks would miss (the transient N x N tiles of a softmax, the backward's
-    temporaries, a fused kernel's workspace) and, unlike the process RSS, is not blurred by the C
-    library keeping freed pages. Memory allocated before fn is invisible, and so is its free --
-    unless an earlier profiled call allocated it: free such leftovers (.grad) before calling.
-    Cost: the profiler logs every op, ~1 KB each; the tiled PyTorch version at N = 8192 with
-    64 x 64 tiles runs ~10^6 ops (GBs of log): use larger blocks there."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
+def saved_bytes(fn, *inputs):
+    """Bytes autograd keeps for the backward pass of fn(*inputs): every distinct storage a saved
+    tensor lives in, counted once, apart from the inputs' own. This is the memory the tiled
+    algorithm saves: naive attention keeps P, N_q x N_k per head; the tiled version keeps O and L,
+    N_q (d + 1) per head, and recomputes P in the backward pass."""
+    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, 0
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return total
 
 
-@contextmanager
-def _quiet_stderr():
-    """Kineto writes two log lines per profiling session straight to file descriptor 2 (no switch
-    turns them off); point fd 2 at /dev/null meanwhile. Python exceptions still surface after."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-_SAID = set()
-
-
-def say_once(msg):
-    if msg not in _SAID:
-        _SAID.add(msg)
-        print(msg)
+def cuda_peak_bytes(fn):
+    """Peak bytes the CUDA allocator held while fn() ran (temporaries included), above what it held before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def _qkv(batch, heads, n, d, dtype, device, seed=0):
@@ -1103,19 +886,17 @@ def _qkv(batch, heads, n, d, dtype, device, seed=0):
 
 
 def bench_impls(device, dtype, cfg):
-    """The implementations that can run here, as {name: fn}; says once why Triton is left out."""
+    """The implementations that can run here as {name: fn}, and why Triton is left out (or None)."""
     impls = {name: attention_fn(name, cfg.bench_causal, cfg.block_q, cfg.block_k)
              for name in ("naive", "flash", "sdpa")}
     reason = triton_unavailable_reason(device)
-    if reason is None and not _triton_blocks_ok(cfg):
+    if reason is None and not triton_blocks_ok(cfg.block_q, cfg.block_k):
         reason = f"its blocks must be powers of two >= 16, not {cfg.block_q}x{cfg.block_k}"
-    if reason is None and not str(device).startswith("cuda") and dtype == torch.bfloat16:
+    if reason is None and not device.startswith("cuda") and dtype == torch.bfloat16:
         reason = "the Triton interpreter cannot do bfloat16 dot products"
-    if reason:
-        say_once(f"note: no Triton row: {reason}")
-    else:
+    if reason is None:
         impls["triton"] = attention_fn("triton", cfg.bench_causal, cfg.block_q, cfg.block_k)
-    return impls
+    return impls, reason
 
 
 def accuracy_table(cfg, device):
@@ -1123,14 +904,14 @@ def accuracy_table(cfg, device):
     (on the device; MPS has no float64: there, on the CPU) for every implementation and input
     dtype, at N = accuracy_n."""
     n, d, causal = cfg.accuracy_n, cfg.bench_head_dim, cfg.bench_causal
-    ref_device = "cpu" if str(device).startswith("mps") else device
+    ref_device = "cpu" if device.startswith("mps") else device
     q, k, v = _qkv(cfg.bench_batch, cfg.bench_heads, n, d, torch.float64, ref_device, seed=1)
     do = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(ref_device)
     o_ref = naive_attention(q, k, v, causal=causal)
     refs = (o_ref, *torch.autograd.grad(o_ref, (q, k, v), do))
     rows = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for name, fn in bench_impls(device, dtype, cfg).items():
+        for name, fn in bench_impls(device, dtype, cfg)[0].items():
             qd, kd, vd = (t.detach().to(device, dtype).requires_grad_() for t in (q, k, v))
             try:
                 o = fn(qd, kd, vd)
@@ -1144,79 +925,64 @@ def accuracy_table(cfg, device):
     return rows
 
 
+BENCH_COLUMNS = [("N", "N", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.2f}"),
+                 ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_gflops", "fwd GFLOP/s", "{:.1f}"),
+                 ("fwd_bwd_gflops", "fwd+bwd GFLOP/s", "{:.1f}"), ("saved_mib", "saved for bwd MiB", "{:.2f}"),
+                 ("fwd_bwd_peak_mib", "fwd+bwd peak MiB (CUDA)", "{:.1f}")]
+
+
 def bench(cfg) -> dict:
-    """--mode bench: for each N, forward and forward+backward time and peak memory of every
-    implementation, FLOP/s, then the accuracy table; printed, saved to out_dir/bench.{md,json,png}."""
+    """--mode bench: for each N, every implementation's forward and forward+backward time, FLOP/s,
+    the bytes it saves for the backward pass (and on CUDA the allocator's peak), then the accuracy
+    table; printed as markdown and saved to out_dir/bench.{md,json,png}."""
     device, ctx, _ = setup_device(cfg)
     dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
-    sizes = _int_list(cfg.bench_sizes, "bench_sizes")
     B, H, d, causal = cfg.bench_batch, cfg.bench_heads, cfg.bench_head_dim, cfg.bench_causal
     os.makedirs(cfg.out_dir, exist_ok=True)
-    print(f"device {device}, dtype {str(dtype)[6:]}, B={B} H={H} d={d} causal={causal}, "
-          f"blocks {cfg.block_q}x{cfg.block_k}, median of {cfg.bench_repeats}")
-    impls = bench_impls(device, dtype, cfg)
+    setup = f"{device}, {str(dtype)[6:]}, B={B}, H={H}, d={d}, causal={causal}, blocks {cfg.block_q}x{cfg.block_k}"
+    impls, why_not_triton = bench_impls(device, dtype, cfg)
+    if why_not_triton:
+        print(f"note: no Triton row: {why_not_triton}")
+    lines = [f"Attention benchmark ({setup}, median of {cfg.bench_repeats})", "",
+             "| " + " | ".join(t for _, t, _ in BENCH_COLUMNS) + " |", "|" + "---|" * len(BENCH_COLUMNS)]
+    print("\n".join(lines))
     rows = []
-    for n in sizes:
+    for n in [int(s) for s in cfg.bench_sizes.split(",")]:
         q, k, v = _qkv(B, H, n, d, dtype, device)
         do = torch.randn_like(q)
         flops = attention_flops(B, H, n, d, causal)
         for name, fn in impls.items():
-            def fwd():
-                with torch.no_grad():
-                    fn(q, k, v)
-
             def fwd_bwd():
                 q.grad = k.grad = v.grad = None
                 fn(q, k, v).backward(do)
             row = {"N": n, "impl": name}
             try:
-                row["fwd_ms"] = time_ms(fwd, device, cfg.bench_repeats)
+                with torch.no_grad():
+                    row["fwd_ms"] = time_ms(lambda: fn(q, k, v), device, cfg.bench_repeats)
                 row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, cfg.bench_repeats)
-                row["fwd_peak_mib"] = peak_memory_bytes(fwd, device) / 2**20
-                q.grad = k.grad = v.grad = None
-                row["fwd_bwd_peak_mib"] = peak_memory_bytes(fwd_bwd, device) / 2**20  # incl. the grads
-                q.grad = k.grad = v.grad = None
-            except torch.OutOfMemoryError:
-                row["error"] = "out of memory"
-            if "error" not in row:
                 row["fwd_gflops"] = flops / row["fwd_ms"] / 1e6
                 row["fwd_bwd_gflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e6
+                row["saved_mib"] = saved_bytes(fn, q, k, v) / 2**20
+                if device.startswith("cuda"):
+                    row["fwd_bwd_peak_mib"] = cuda_peak_bytes(fwd_bwd) / 2**20  # incl. the gradients
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
             rows.append(row)
-            print(_format_row(row))
+            lines.append("| " + " | ".join(fmt.format(row[key]) if key in row else row.get("error", "-")
+                                           for key, _, fmt in BENCH_COLUMNS) + " |")
+            print(lines[-1])
     acc = accuracy_table(cfg, device)
-    text = _markdown(rows, acc, f"{device}, {str(dtype)[6:]}, B={B}, H={H}, d={d}, causal={causal}")
-    print("\n" + text)
-    with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "rows": rows, "accuracy": acc}, f, indent=1)
-    _plot(rows, os.path.join(cfg.out_dir, "bench.png"))
-    return {"rows": rows, "accuracy": acc}
-
-
-BENCH_COLUMNS = [("N", "N", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", "{:.2f}"),
-                 ("fwd_bwd_ms", "fwd+bwd ms", "{:.2f}"), ("fwd_gflops", "fwd GFLOP/s", "{:.1f}"),
-                 ("fwd_bwd_gflops", "fwd+bwd GFLOP/s", "{:.1f}"), ("fwd_peak_mib", "fwd peak MiB", "{:.1f}"),
-                 ("fwd_bwd_peak_mib", "fwd+bwd peak MiB", "{:.1f}")]
-
-
-def _format_row(row):
-    if "error" in row:
-        return f"N={row['N']:>6} {row['impl']:>6}: {row['error']}"
-    return "  ".join(f"{title} {fmt.format(row[key])}" for key, title, fmt in BENCH_COLUMNS)
-
-
-def _markdown(rows, acc, setup):
-    lines = [f"Attention benchmark ({setup})", "", "| " + " | ".join(t for _, t, _ in BENCH_COLUMNS) + " |",
-             "|" + "---|" * len(BENCH_COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(r.get("error", "") if k not in r else fmt.format(r[k])
-                                       for k, _, fmt in BENCH_COLUMNS) + " |")
     lines += ["", "Relative error vs float64 naive attention", "", "| impl | dtype | O | dQ | dK | dV |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {a['impl']} | {a['dtype']} | {a['O']:.1e} | {a['dQ']:.1e} | {a['dK']:.1e} | {a['dV']:.1e} |"
               for a in acc]
-    return "\n".join(lines) + "\n"
+    print("\n".join(lines[-len(acc) - 5:]))
+    with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "rows": rows, "accuracy": acc}, f, indent=1)
+    _plot(rows, os.path.join(cfg.out_dir, "bench.png"))
+    return {"rows": rows, "accuracy": acc}
 
 
 def _plot(rows, path):
@@ -1231,8 +997,8 @@ def _plot(rows, path):
     for name in dict.fromkeys(r["impl"] for r in rows):
         ok = [r for r in rows if r["impl"] == name and "error" not in r]
         axes[0].plot([r["N"] for r in ok], [r["fwd_bwd_ms"] for r in ok], "o-", label=name)
-        axes[1].plot([r["N"] for r in ok], [r["fwd_bwd_peak_mib"] for r in ok], "o-", label=name)
-    for ax, title in zip(axes, ("forward+backward time (ms)", "forward+backward peak memory (MiB)")):
+        axes[1].plot([r["N"] for r in ok], [r["saved_mib"] for r in ok], "o-", label=name)
+    for ax, title in zip(axes, ("forward+backward time (ms)", "saved for the backward pass (MiB)")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", title=title)
         ax.legend()
     fig.tight_layout()
@@ -1254,7 +1020,7 @@ def io_table(cfg) -> list:
     FLOPs are 4 N^2 d for both, so FLOPs per byte (arithmetic intensity) stay near d/2 for the
     standard version -- far below a GPU's ridge point (~150-300 FLOP/B): memory-bound -- and grow
     with M/d for the tiled one. (Real kernels use B_r = 64-128: registers, not SRAM, are the limit.)"""
-    d, elem, sizes = cfg.bench_head_dim, 2, _int_list(cfg.bench_sizes, "bench_sizes")
+    d, elem, sizes = cfg.bench_head_dim, 2, [int(s) for s in cfg.bench_sizes.split(",")]
 
     def tiled_elems(n, sram_kb):
         b_r = math.ceil(sram_kb * 1024 // elem / (4 * d))
@@ -1262,7 +1028,8 @@ def io_table(cfg) -> list:
 
     _, b_r, b_c = tiled_elems(1, cfg.io_sram_kb)
     print(f"one head, d={d}, fp16, on-chip memory M={cfg.io_sram_kb} KB -> tiles B_r={b_r}, B_c={b_c}")
-    print(f"{'N':>7} {'standard MB':>12} {'tiled MB':>10} {'ratio':>7} {'GFLOP':>8} {'FLOP/B std':>11} {'FLOP/B tiled':>13}")
+    print(f"{'N':>7} {'standard MB':>12} {'tiled MB':>10} {'ratio':>7} {'GFLOP':>8} {'FLOP/B std':>11} "
+          f"{'FLOP/B tiled':>13}")
     rows = []
     for n in sizes:
         std, tiled = (4 * n * d + 4 * n * n) * elem, tiled_elems(n, cfg.io_sram_kb)[0] * elem
@@ -1276,41 +1043,216 @@ def io_table(cfg) -> list:
     return rows
 
 
-# --- main -------------------------------------------------------------------------------------------
-def _int_list(text, flag):
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise UserError(f"--{flag} must be a comma-separated list of positive integers, not {text!r}")
-    return values
-
-
-def check_config(cfg):
-    """Flag combinations the code cannot honour, as one-line messages."""
-    if cfg.mode not in ("bench", "io", "train"):
-        raise UserError(f"--mode must be bench, io or train, not {cfg.mode!r}")
-    if cfg.block_q < 1 or cfg.block_k < 1:
-        raise UserError(f"--block_q and --block_k must be positive, got {cfg.block_q} and {cfg.block_k}")
-    if cfg.window < 0:
-        raise UserError(f"--window must be >= 0 (0 = no window), got {cfg.window}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}: "
-                        f"the heads would have different head dims")
-    if cfg.mode == "train" and "triton" in cfg.attn_impls.split(",") and not _triton_blocks_ok(cfg):
-        raise UserError(f"--block_q={cfg.block_q} --block_k={cfg.block_k}: the Triton kernel needs "
-                        f"powers of two >= 16 (the PyTorch version takes any size)")
-
-
+# --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
+    return run_cli({"bench": bench, "io": io_table, "train": train_compare}, argv)
+
+
+# --- Plumbing: the same in every script ----------------------------------------------------------
+# Flags, devices, DDP, downloads, checkpoints, logs: byte-identical in all seven scripts (a test
+# compares them), so read it once. What differs per script comes from the constants beside Config
+# (SCRIPT_NAME, PRESETS, DEFAULT_PRESET, RULES, MODEL_KEYS) and from its check_config(cfg).
+class UserError(Exception):
+    """A problem the user can fix (missing data, a foreign checkpoint): one `error:` line, exit 1."""
+
+
+def parse_args(argv=None) -> Config:
+    """`--preset NAME` (then PRESETS["NAME/<mode>"] if there is one), then `--field=value` or
+    `--field value` for any Config field, then RULES and check_config. A bad flag or value exits
+    with status 2 and names the flag; --help lists every field with its default and comment."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
+
+    def fail(msg):
+        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        sys.exit(2)
+
+    if "-h" in argv or "--help" in argv:
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+        print(f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(presets)}] [--field=value ...]")
+        for name, f in {"preset": dataclasses.field(default=DEFAULT_PRESET), **fields}.items():
+            print(f"  --{name}={f.default!s}".ljust(36) + helps.get(name, "overrides applied before the flags"))
+        sys.exit(0)
+    overrides, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or (name not in fields and name != "preset"):
+            fail(f"unknown flag {argv[i]}" if argv[i].startswith("--") else f"unexpected argument {argv[i]!r}")
+        kind = fields[name].type if name in fields else str
+        if not eq:  # `--name value`, or a bare boolean flag meaning true
+            bare = kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if not bare and i + 1 == len(argv):
+                fail(f"--{name} needs a value")
+            value, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        i += 1
+        try:
+            overrides[name] = bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            fail(f"--{name} expects {kind.__name__}, got {value!r}")
+    preset = overrides.pop("preset", DEFAULT_PRESET)
+    if preset not in presets:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    mode = overrides.get("mode", PRESETS[preset].get("mode", Config.mode))
+    cfg = Config(**{**PRESETS[preset], **PRESETS.get(f"{preset}/{mode}", {}), **overrides})
+    bounds = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    for name, rule in RULES.items():  # a tuple lists the allowed values; a string bounds a number
+        value, choices = getattr(cfg, name), isinstance(rule, tuple)
+        if not (value in rule if choices else math.isfinite(value) and bounds[rule](value)):
+            fail(f"--{name} must be {'one of ' + ', '.join(map(str, rule)) if choices else rule}, not {value!r}")
+    try:
+        check_config(cfg)  # the rules that tie several flags together
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def run_cli(modes, argv=None):
+    """Parse the flags, check --device and --out_dir before any work, run modes[cfg.mode](cfg).
+    A UserError ends the run with its message on one line and exit status 1, not a traceback."""
     cfg = parse_args(argv)
     try:
-        check_config(cfg)
-        {"bench": bench, "io": io_table, "train": train_compare}[cfg.mode](cfg)
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        have = ["cpu"] + cuda + ["mps"] * torch.backends.mps.is_available()
+        if cfg.device != "auto" and cfg.device not in have:
+            raise UserError(f"--device {cfg.device} is not available here; this machine has: auto, {', '.join(have)}")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out_dir).close()
+        except OSError as e:
+            raise UserError(f"--out_dir {cfg.out_dir} is not a folder this user can write ({e.strerror})") from None
+        return modes[cfg.mode](cfg)
     except UserError as e:
         print(f"{SCRIPT_NAME}.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def setup_ddp():
+    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size). nccl on CUDA,
+    gloo on CPU. Rank 0 alone logs, downloads and saves."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def setup_device(cfg, local_rank=0):
+    """-> (device, autocast context, GradScaler or None). cuda > mps > cpu unless --device says
+    otherwise. dtype `auto` picks bfloat16 where the GPU runs it natively, else float16 with a
+    GradScaler (it scales the loss up so small float16 gradients do not underflow), else float32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = f"cuda:{local_rank}" if device == "cuda" else device, cfg.dtype
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # CPUs without AMX run bfloat16 matmuls slower than float32
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, ctx, torch.amp.GradScaler(device_type) if dtype == "float16" else None
+
+
+def download(url, path, sha256=None, magic=None, headers=None):
+    """Fetch `url` to `path` unless it is there, through `path + ".part"` and a rename after a check
+    (the sha256 if pinned, else the first bytes: `magic`, and never a proxy's HTML page), so a cut,
+    corrupt or wrong download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    import requests  # only needed when something is actually downloaded
+
+    tmp, hint, head = path + ".part", f"download it by hand from {url} and save it as {path}", b""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total, digest = int(r.headers.get("content-length", 0)), hashlib.sha256()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                head = head or chunk[:64]
+                pct = f" {100 * f.tell() / total:5.1f}%" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {f.tell() / 1e6:.1f} MB{pct}", end="", flush=True)
+        print()
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}). If this machine is "
+                        f"offline, {hint} (or point --data_dir / LLM_DATA_DIR at a folder that has it).") from None
+    wrong = (f"sha256 {digest.hexdigest()}, expected {sha256}" if sha256 and digest.hexdigest() != sha256 else
+             f"it does not start with {magic!r}" if magic and not head.startswith(magic) else
+             "it is an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else None)
+    if wrong:
+        os.remove(tmp)
+        raise UserError(f"{url} did not send the expected file ({wrong}); run again, or {hint}")
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model):
+    """The plain nn.Module inside DDP(...) and torch.compile(...) wrappers, in any order."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
+    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+                "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_KEYS):
+    """torch.load with weights_only=True (a pickle cannot run code), refusing a checkpoint that is
+    missing, truncated, from another script or stage, or of another shape than `cfg` on `keys`."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a pickle with code in it, another format
+        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script or (stage and ckpt.get("stage") != stage):
+        got = f"{ckpt.get('script')} {ckpt.get('stage')}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {script}.py {stage + ' ' if stage else ''}checkpoint (it is: {got})")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
+            for k in keys if cfg is not None and ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
+    return ckpt
+
+
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+    """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
+    with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
+    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
+    ckpt = load_checkpoint(path, cfg, stage)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank + 7919 * ckpt["step"])
+    else:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def fingerprint(model):
+    """16 hex digits of sha256 over every parameter: equal on DDP ranks iff their weights are."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_jsonl(cfg, record):
+    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

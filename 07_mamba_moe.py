@@ -8,35 +8,28 @@ You will learn: zero-order-hold discretization, a log-depth scan and its backwar
 backwards in time), the recurrent step of a Mamba block, top-k routing with capacity, the
 load-balancing and z losses.
 
-Run it:
+Run it (--help lists every flag):
     python 07_mamba_moe.py                          # selective copying: Mamba vs LTI vs attention
     python 07_mamba_moe.py --mode lm                # tinyshakespeare: dense vs MoE vs Mamba + PNGs
     python 07_mamba_moe.py --mode bench             # sequential vs parallel scan, state vs KV cache
-    python 07_mamba_moe.py --preset gpu --mode lm   # one GPU
-    torchrun --standalone --nproc_per_node=8 07_mamba_moe.py --preset gpu --mode lm   # DDP
-    python 07_mamba_moe.py --help                   # every flag, its default and meaning
+    python 07_mamba_moe.py --preset gpu --mode lm   # one GPU; eight with DDP:
+    torchrun --standalone --nproc_per_node=8 07_mamba_moe.py --preset gpu --mode lm --gradient_accumulation_steps=8
 
-Expected result (cpu preset, 1,500 steps, 2 threads of a 2-core CPU): selective copying accuracy
-Mamba 100% (~40 s), LTI ablation 30%, 1-layer attention 81%; tinyshakespeare val loss (nats/char)
-dense 1.96 (~15 s), MoE 1.88, Mamba 1.75 (~60 s); expert-load CV 0.05 with the balancing loss, 0.96
-without (3 of 8 experts dead); at l = 1024 (forward+backward) the parallel scan is ~18-24x faster
-than the loop (median 22x; ~17x on one thread), equal to 1e-5.
+Expected (cpu preset; README: Results): selective copying accuracy Mamba 100%, LTI ablation 30%,
+attention 81%; tinyshakespeare val loss dense 1.96, MoE 1.88, Mamba 1.75; expert-load CV 0.05 with the
+balancing loss, 0.96 without; at l = 1024 the parallel scan (forward+backward) is ~20x the loop.
 
 Notation (Mamba paper, Gu & Dao 2023, Algorithm 2): b batch, l sequence length, d channels of the
 scan (d_inner = expand * d_model), n state size (d_state); u input (b, l, d); Δ step size (b, l, d);
 A (d, n) with negative entries; B, C (b, l, n); D (d,) skip; Ā = exp(ΔA), B̄ = ΔB; h state (b, d, n).
 Transformer/MoE: B batch, T length, C n_embd, nh heads, hd head dim, V vocab, E experts, k top_k.
 
-References: Mamba arXiv:2312.00752 (§3.2 selection, §3.3 scan, §4.1.1 selective copying);
-S4 arXiv:2111.00396; Blelloch 1990 "Prefix sums and their applications"; Martin & Cundy
-arXiv:1709.04057 (linear recurrences trained by parallel scan, forward and backward); Switch Transformer
-arXiv:2101.03961 (§2.2 balancing loss, capacity); ST-MoE arXiv:2202.08906 (§3.1 router z-loss);
-Shazeer et al. arXiv:1701.06538 (noisy top-k gating); DeepSeekMoE arXiv:2401.06066 (shared experts).
-Tests compare the parallel scan with the sequential loop (values, gradients), step() with forward(),
-the sorted MoE dispatch with a per-token loop, one-expert MoE with a dense FFN, the losses with hand
-computation.
+References: Mamba arXiv:2312.00752 (§3.2 selection, §3.3 scan, §4.1.1 selective copying); S4
+arXiv:2111.00396; Blelloch 1990 "Prefix sums and their applications"; Martin & Cundy arXiv:1709.04057
+(linear recurrences trained by parallel scan); Switch Transformer arXiv:2101.03961 (§2.2 balancing
+loss, capacity); ST-MoE arXiv:2202.08906 (§3.1 z-loss); Shazeer et al. arXiv:1701.06538 (noisy
+top-k); DeepSeekMoE arXiv:2401.06066 (shared experts). The tests check the scan against the loop.
 """
-import ctypes
 import dataclasses
 import hashlib
 import inspect
@@ -45,9 +38,10 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
+import timeit
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,32 +50,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-SCRIPT_NAME = "07_mamba_moe"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-MODE_MODELS = {"copy": "mamba,mamba_lti,attn", "lm": "dense,moe,moe_nobal,mamba", "bench": ""}
-ALL_MODELS = ("mamba", "mamba_lti", "attn", "dense", "moe", "moe_nobal")
-
 
 # --- Config ---------------------------------------------------------------------------------------
-@dataclass
+SCRIPT_NAME = "07_mamba_moe"  # the file's stem: default out_dir is out/<SCRIPT_NAME>
+
+
+@dataclasses.dataclass
 class Config:
-    # I/O
     out_dir: str = f"out/{SCRIPT_NAME}"  # checkpoints, log.jsonl, PNGs, derived data (token ids)
     data_dir: str = os.environ.get("LLM_DATA_DIR", "data")  # raw downloads; read, never modified
     init_from: str = "scratch"  # scratch | resume (each model from out_dir/ckpt_<model>.pt)
     mode: str = "copy"  # copy | lm | bench
     models: str = ""  # comma list of mamba,mamba_lti,attn,dense,moe,moe_nobal ('' = the mode's set)
-    # model (shared)
     n_layer: int = 1  # blocks of the Transformers; Mamba gets 2x (a Mamba block has half the params)
     n_embd: int = 64  # model width d_model (C)
     n_head: int = 4  # attention heads
     dropout: float = 0.0  # dropout in the Transformers
-    # Mamba
     d_state: int = 8  # n: SSM state size per channel (the paper uses 16)
     d_conv: int = 4  # kernel of the causal depthwise conv
     expand: int = 2  # d_inner = expand * n_embd
-    # MoE
     n_experts: int = 8  # E routed experts
     top_k: int = 2  # experts per token; expert width = 4*n_embd/(top_k+n_shared): same active FFN
     n_shared: int = 0  # always-on shared experts (DeepSeekMoE)
@@ -89,15 +76,13 @@ class Config:
     aux_loss_coef: float = 0.1  # balancing-loss alpha (Switch: 0.01; 0.1 balances better here); moe_nobal: 0
     z_loss_coef: float = 0.001  # router z-loss coefficient (ST-MoE)
     router_noise: float = 0.0  # std of Gaussian noise on router logits while training (0 = off)
-    # tasks
     block_size: int = 64  # lm: characters of context
     copy_len: int = 32  # copy: length of the noisy region holding the tokens to remember
     copy_tokens: int = 4  # copy: tokens to remember and reproduce in order
     copy_vocab: int = 8  # copy: distinct data tokens
     bench_lengths: str = "128,256,512,1024"  # bench: sequence lengths to time
-    # training
     batch_size: int = 16  # sequences per micro-batch (per rank)
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (per rank)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all ranks (a multiple of them)
     max_iters: int = 1500  # optimizer steps
     learning_rate: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # floor of the cosine schedule
@@ -109,9 +94,7 @@ class Config:
     eval_iters: int = 20  # batches per evaluation
     log_interval: int = 50  # steps between progress lines
     always_save_checkpoint: bool = False  # save at every eval, not only on a new best val loss
-    # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    keep_freed_memory: bool = True  # glibc: reuse freed tensor memory instead of page-faulting it back in
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; float16 uses a GradScaler)
     compile: bool = False  # torch.compile the model (the scan stays eager: Dynamo stops at its strided out= writes)
     seed: int = 1337  # base seed; rank r uses seed + r
@@ -122,9 +105,8 @@ PRESETS = {
                  copy_len=16, copy_tokens=4, copy_vocab=4, bench_lengths="32,64", max_iters=20,
                  lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5),
     "cpu": dict(),  # the default: a laptop CPU, minutes
-    # gpu: the scan materializes (b, l, d_inner, n) tensors and keeps two per layer for backward (Ā
-    # and h), 272 MiB each for the copy task: 5.8 GiB saved for backward in all (measured with
-    # saved-tensor hooks). The paper's fused kernel recomputes them instead.
+    # gpu: the scan materializes (b, l, d_inner, n) tensors and keeps two per layer (Ā and h) for the
+    # backward, which bounds the batch; the paper's fused kernel recomputes them instead.
     "gpu": dict(n_layer=4, n_embd=256, n_head=8, dropout=0.1, batch_size=32, block_size=256,
                 copy_len=256, copy_tokens=16, copy_vocab=16, bench_lengths="1024,4096,16384",
                 d_state=16, max_iters=5000, lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4,
@@ -134,270 +116,42 @@ DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("n_layer", "n_embd", "n_head", "d_state", "d_conv", "expand", "n_experts", "top_k",
               "n_shared", "block_size", "copy_len", "copy_tokens", "copy_vocab", "mode")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing data, wrong checkpoint): main() prints the
-    message and exits with status 1 instead of showing a traceback."""
-
-
-def _field_help():
-    """Each Config field's trailing `# comment`, read from this file's source, for --help."""
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def _parse_value(name, kind, text):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError
-    return kind(text)
-
-
-def usage():
-    helps = _field_help()
-    lines = [f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(PRESETS)}] [--field=value ...]",
-             f"  --preset NAME  overrides applied before the flags (default: {DEFAULT_PRESET})"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  --{f.name}={f.default!s}".ljust(36) + helps.get(f.name, ""))
-    return "\n".join(lines)
-
-
-def parse_args(argv=None) -> Config:
-    """`--preset NAME`, then `--field=value` or `--field value` for every Config field.
-    An unknown flag or a badly typed value exits with status 2 and names the flag."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-
-    def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
-        sys.exit(2)
-
-    preset, overrides, i = DEFAULT_PRESET, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            fail(f"unexpected argument {arg!r}")
-        name, eq, value = arg[2:].partition("=")
-        if name != "preset" and name not in kinds:
-            fail(f"unknown flag --{name}")
-        if not eq:  # `--name value`, or a bare boolean flag meaning true
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if kinds.get(name) is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                fail(f"--{name} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if name == "preset":
-            if value not in PRESETS:
-                fail(f"unknown preset {value!r} for --preset (choose from {', '.join(PRESETS)})")
-            preset = value
-            continue
-        try:
-            overrides[name] = _parse_value(name, kinds[name], value)
-        except ValueError:
-            fail(f"--{name} expects {kinds[name].__name__}, got {value!r}")
-    return Config(**{**PRESETS[preset], **overrides})
+MODE_MODELS = {"copy": "mamba,mamba_lti,attn", "lm": "dense,moe,moe_nobal,mamba", "bench": ""}
+ALL_MODELS = ("mamba", "mamba_lti", "attn", "dense", "moe", "moe_nobal")
+# Each flag alone: a tuple lists the allowed values, a string bounds the number (checked by parse_args).
+RULES = {"mode": tuple(MODE_MODELS), "init_from": ("scratch", "resume"), "dropout": "in [0, 1)",
+         "dtype": ("auto", "float32", "bfloat16", "float16"),
+         **dict.fromkeys("n_shared aux_loss_coef z_loss_coef router_noise min_lr warmup_iters lr_decay_iters "
+                         "weight_decay grad_clip".split(), ">= 0"),
+         **dict.fromkeys("n_layer n_embd n_head d_state d_conv expand n_experts top_k capacity_factor block_size "
+                         "copy_len copy_tokens copy_vocab batch_size gradient_accumulation_steps max_iters "
+                         "learning_rate eval_interval eval_iters log_interval".split(), "> 0")}
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
 def check_config(cfg):
-    """Reject combinations that would fail deep inside training with an unreadable traceback."""
-    if cfg.mode not in MODE_MODELS:
-        raise UserError(f"unknown --mode {cfg.mode!r} (choose from {', '.join(MODE_MODELS)})")
-    if cfg.init_from not in ("scratch", "resume"):
-        raise UserError(f"--init_from must be scratch or resume, not {cfg.init_from!r}")
-    for name in model_names(cfg):
-        if name not in ALL_MODELS:
-            raise UserError(f"unknown model {name!r} in --models (choose from {', '.join(ALL_MODELS)})")
-    if not 1 <= cfg.top_k <= cfg.n_experts:
-        raise UserError(f"--top_k={cfg.top_k} must be between 1 and --n_experts={cfg.n_experts}")
+    """The rules that tie flags together (RULES bounds each flag alone): a ValueError names the flag."""
+    if cfg.top_k > cfg.n_experts:
+        raise ValueError(f"--top_k={cfg.top_k} must be between 1 and --n_experts={cfg.n_experts}")
     if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
-    if cfg.capacity_factor <= 0 or cfg.max_iters < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
-        raise UserError("--capacity_factor, --max_iters, --batch_size and --eval_interval must be positive")
+        raise ValueError(f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}")
     if cfg.copy_tokens > cfg.copy_len:
-        raise UserError(f"--copy_tokens={cfg.copy_tokens} cannot exceed --copy_len={cfg.copy_len}")
+        raise ValueError(f"--copy_tokens={cfg.copy_tokens} cannot exceed --copy_len={cfg.copy_len}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr={cfg.min_lr} cannot exceed --learning_rate={cfg.learning_rate}")
+    names = model_names(cfg)
+    if any(name not in ALL_MODELS for name in names) or (cfg.mode != "bench" and not names):
+        raise ValueError(f"--models must be a comma list of {', '.join(ALL_MODELS)}, not {cfg.models!r}")
+    if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", cfg.bench_lengths):
+        raise ValueError(f"--bench_lengths must be positive integers separated by commas, not {cfg.bench_lengths!r}")
 
 
 def model_names(cfg):
     return [m for m in (cfg.models or MODE_MODELS[cfg.mode]).split(",") if m]
 
 
-def setup_ddp():
-    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size).
-    nccl on CUDA, gloo on CPU. Rank 0 alone logs, downloads and saves."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def keep_freed_memory():
-    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
-    PyTorch takes CPU tensor memory from malloc. By default glibc serves large blocks (over a threshold
-    that starts at 128 KiB) with fresh pages from mmap and gives them back on free (munmap, or
-    trimming the top of the heap), so the next tensor of that size is page-faulted in and zeroed by
-    the kernel all over again. The parallel scan makes dozens of multi-MB (b, l, d, n) temporaries
-    per call; on one thread of this project's 2-core VM the page faults made it up to 1.8x slower
-    (README: 07's bench rows). Fixed thresholds keep them: blocks up to 32 MiB come from the heap
-    (M_MMAP_THRESHOLD) and the heap is not trimmed until 1 GiB is free (M_TRIM_THRESHOLD); see
-    `man mallopt`. PyTorch's performance tuning guide gives the same advice in another form:
-    preload jemalloc or tcmalloc. -> True if glibc accepted the settings (False elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (musl, ...): keep the default allocator
-        return False
-
-
-def setup_device(cfg, local_rank=0):
-    """-> (device, autocast context, GradScaler or None).
-    Device: cuda > mps > cpu unless --device says otherwise. dtype `auto` picks bfloat16 where the
-    hardware runs it natively, else float16 with a GradScaler (which rescales the loss so small
-    float16 gradients do not underflow), else float32."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    device_type = device.split(":")[0]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    return device, ctx, scaler
-
-
-# --- Data -----------------------------------------------------------------------------------------
-def download(url, path, sha256=None):
-    """Fetch `url` to `path` unless it is already there: streamed to `path + ".part"` with a progress
-    line, checked against `sha256` when known, then renamed into place, so an interrupted or corrupt
-    download never leaves a file that looks complete."""
-    if os.path.exists(path):
-        return path
-    import requests  # only needed when something is actually downloaded
-
-    tmp = path + ".part"
-    hint = f"download it by hand from {url} and save it as {path}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with requests.get(url, stream=True, timeout=30) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            digest, done = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    pct = f" {100 * done / total:5.1f}%" if total else ""
-                    print(f"\rdownloading {os.path.basename(path)}: {done / 1e6:.1f} MB{pct}", end="", flush=True)
-        print()
-    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}).\n"
-                        f"If this machine is offline, {hint} (or point --data_dir / LLM_DATA_DIR "
-                        f"at a folder that has it).") from None
-    if sha256 and digest.hexdigest() != sha256:
-        os.remove(tmp)
-        raise UserError(f"{url} arrived corrupt (sha256 {digest.hexdigest()}, expected {sha256}); "
-                        f"run again, or {hint}")
-    os.replace(tmp, path)
-    return path
-
-
-def prepare_shakespeare(cfg, master=True):
-    """Character-level tinyshakespeare: raw text from data_dir (downloaded there when absent), token
-    ids (uint16, first 90% train, last 10% val) and the vocabulary written under out_dir."""
-    raw = os.path.join(cfg.data_dir, "tinyshakespeare", "input.txt")
-    meta_path = os.path.join(cfg.out_dir, "meta.json")
-    if master and not os.path.exists(meta_path):
-        download(DATA_URL, raw, DATA_SHA256)
-        with open(raw, encoding="utf-8") as f:
-            text = f.read()
-        chars = sorted(set(text))
-        stoi = {ch: i for i, ch in enumerate(chars)}
-        ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
-        n = int(0.9 * len(ids))
-        for split, part in (("train", ids[:n]), ("val", ids[n:])):
-            tmp = os.path.join(cfg.out_dir, f"{split}.bin.tmp")
-            part.tofile(tmp)
-            os.replace(tmp, os.path.join(cfg.out_dir, f"{split}.bin"))
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump({"chars": chars}, f)
-        os.replace(meta_path + ".tmp", meta_path)
-    if dist.is_initialized():
-        dist.barrier()  # other ranks wait until rank 0 has prepared the files
-    with open(meta_path) as f:
-        return json.load(f)["chars"]
-
-
-class ShakespeareTask:
-    """Next-character prediction; `get_batch` draws random windows from a uint16 memmap (nanoGPT)."""
-
-    def __init__(self, cfg, master=True):
-        self.chars = prepare_shakespeare(cfg, master)
-        self.vocab_size, self.block_size, self.cfg = len(self.chars), cfg.block_size, cfg
-
-    def get_batch(self, split, device, gen=None):
-        data = np.memmap(os.path.join(self.cfg.out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - self.block_size - 1, (self.cfg.batch_size,), generator=gen)
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix.tolist()])
-        return x.to(device), y.to(device)  # (B, T), (B, T)
-
-
-def selective_copy_batch(batch_size, copy_len, n_tokens, vocab, gen=None):
-    """The selective-copying task (Mamba §4.1.1, Fig. 2): `n_tokens` data tokens (ids 1..vocab) sit at
-    random positions among `copy_len` blanks (id 0), then `n_tokens` markers (id vocab+1) ask for them
-    in order. Unlike plain copying the gaps vary, so a time-invariant model cannot solve it by a fixed
-    delay: it must *select* what to keep. -> x (B, copy_len + n_tokens), y (same; -1 = no loss)."""
-    data = torch.randint(1, vocab + 1, (batch_size, n_tokens), generator=gen)  # (B, K)
-    pos = torch.rand(batch_size, copy_len, generator=gen).argsort(-1)[:, :n_tokens].sort(-1).values
-    x = torch.zeros(batch_size, copy_len + n_tokens, dtype=torch.long)
-    x.scatter_(1, pos, data)
-    x[:, copy_len:] = vocab + 1
-    y = torch.full_like(x, -1)
-    y[:, copy_len:] = data  # the answer: the data tokens in their original order
-    return x, y
-
-
-class CopyTask:
-    """Synthetic batches; the validation set is fixed (its own generator) so evals are comparable."""
-
-    def __init__(self, cfg):
-        self.cfg, self.vocab_size = cfg, cfg.copy_vocab + 2
-        self.block_size = cfg.copy_len + cfg.copy_tokens
-
-    def get_batch(self, split, device, gen=None):
-        c = self.cfg
-        x, y = selective_copy_batch(c.batch_size, c.copy_len, c.copy_tokens, c.copy_vocab, gen)
-        return x.to(device), y.to(device)
-
-
-# --- Model: Mamba ---------------------------------------------------------------------------------
+# --- Milestone: the selective scan (Mamba §3.3) ---------------------------------------------------
 def selective_scan_sequential(u, delta, A, B, C, D):
     """The reference: the discretized SSM run as a loop over time (Mamba eq. 2a-2b, Algorithm 2).
     u, delta (b, l, d); A (d, n); B, C (b, l, n); D (d,) -> y (b, l, d).
@@ -472,7 +226,7 @@ class SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):
         # The (b, l, d, n) tensors are laid out (b, l, n, d): every broadcast of a (b, l, d) or
         # (b, l, n) tensor then runs along contiguous rows of d instead of rows of n = 8 numbers,
-        # which cut the whole function's time by a quarter on a CPU (README).
+        # and PyTorch's elementwise kernels are slow when the innermost dimension is that short.
         At = A.t().contiguous()  # (n, d)
         dA = torch.exp_(delta.unsqueeze(2) * At)  # Ā (b, l, n, d); ΔA <= 0 so Ā in (0, 1]
         h = (delta * u).unsqueeze(2) * B.unsqueeze(-1)  # x = B̄u (b, l, n, d): one big product, not two
@@ -510,6 +264,7 @@ def selective_scan_parallel(u, delta, A, B, C, D):
     return SelectiveScan.apply(u, delta, A, B, C) + u * D  # (b, l, d)
 
 
+# --- Milestone: the Mamba block -------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019), as in Mamba's residual blocks."""
 
@@ -634,10 +389,27 @@ class MambaLM(nn.Module):
         return torch.cat(out, dim=1), states
 
 
-# --- Model: attention and Mixture-of-Experts ------------------------------------------------------
+def selective_copy_batch(batch_size, copy_len, n_tokens, vocab, gen=None):
+    """The selective-copying task (Mamba §4.1.1, Fig. 2): `n_tokens` data tokens (ids 1..vocab) sit at
+    random positions among `copy_len` blanks (id 0), then `n_tokens` markers (id vocab+1) ask for them
+    in order. Unlike plain copying the gaps vary, so a time-invariant model cannot solve it by a fixed
+    delay: it must *select* what to keep. -> x (B, copy_len + n_tokens), y (same; -1 = no loss)."""
+    data = torch.randint(1, vocab + 1, (batch_size, n_tokens), generator=gen)  # (B, K)
+    pos = torch.rand(batch_size, copy_len, generator=gen).argsort(-1)[:, :n_tokens].sort(-1).values
+    x = torch.zeros(batch_size, copy_len + n_tokens, dtype=torch.long)
+    x.scatter_(1, pos, data)
+    x[:, copy_len:] = vocab + 1
+    y = torch.full_like(x, -1)
+    y[:, copy_len:] = data  # the answer: the data tokens in their original order
+    return x, y
+
+
+# --- Milestone: attention and Mixture-of-Experts --------------------------------------------------
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, dropout=0.0):
         super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head, self.dropout = n_head, dropout
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
@@ -737,7 +509,7 @@ class MoE(nn.Module):
         buf[expert * capacity + slot] = x[token]
         h = F.gelu(torch.bmm(buf.view(E, capacity, -1), self.w1) + self.b1)  # (E, cap, F)
         out_e = (torch.bmm(h, self.w2) + self.b2).view(E * capacity, -1)  # (E*cap, C)
-        y = torch.zeros_like(x).index_add_(0, token, (out_e[expert * capacity + slot] * gate.unsqueeze(1)).to(x.dtype))
+        y = torch.zeros_like(x).index_add_(0, token, (out_e[expert * capacity + slot] * gate[:, None]).to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
         aux = (self.aux_loss_coef * load_balancing_loss(probs, top_i, E)
@@ -787,6 +559,53 @@ class TransformerLM(nn.Module):
         return self.lm_head(self.ln_f(x)), aux  # (B, T, V), scalar
 
 
+
+# --- Data -----------------------------------------------------------------------------------------
+class ShakespeareTask:
+    """Next-character prediction on tinyshakespeare: the raw text read from data_dir (downloaded there
+    when absent); token ids (uint16, first 90% train, last 10% val) and the vocabulary written under
+    out_dir by rank 0; `get_batch` draws random windows from a uint16 memmap (nanoGPT)."""
+
+    def __init__(self, cfg, master=True):
+        meta_path, self.block_size, self.cfg = os.path.join(cfg.out_dir, "meta.json"), cfg.block_size, cfg
+        if master and not os.path.exists(meta_path):
+            raw = download(DATA_URL, os.path.join(cfg.data_dir, "tinyshakespeare", "input.txt"), DATA_SHA256)
+            with open(raw, encoding="utf-8") as f:
+                text = f.read()
+            stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
+            ids = np.array([stoi[ch] for ch in text], dtype=np.uint16)
+            for split, part in (("train", ids[:int(0.9 * len(ids))]), ("val", ids[int(0.9 * len(ids)):])):
+                part.tofile(os.path.join(cfg.out_dir, f"{split}.bin"))
+            with open(meta_path + ".tmp", "w") as f:  # last, renamed into place: then the .bin files are whole
+                json.dump({"chars": list(stoi)}, f)
+            os.replace(meta_path + ".tmp", meta_path)
+        if dist.is_initialized():
+            dist.barrier()  # other ranks wait until rank 0 has prepared the files
+        with open(meta_path) as f:
+            self.chars = json.load(f)["chars"]
+        self.vocab_size = len(self.chars)
+
+    def get_batch(self, split, device, gen=None):
+        data = np.memmap(os.path.join(self.cfg.out_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - self.block_size - 1, (self.cfg.batch_size,), generator=gen).tolist()
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in ix])
+        return x.to(device), y.to(device)  # (B, T), (B, T)
+
+
+class CopyTask:
+    """Synthetic batches; evaluate draws its own from fixed generators, so evaluations compare."""
+
+    def __init__(self, cfg):
+        self.cfg, self.vocab_size, self.block_size = cfg, cfg.copy_vocab + 2, cfg.copy_len + cfg.copy_tokens
+
+    def get_batch(self, split, device, gen=None):
+        c = self.cfg
+        x, y = selective_copy_batch(c.batch_size, c.copy_len, c.copy_tokens, c.copy_vocab, gen)
+        return x.to(device), y.to(device)
+
+
+# --- Training -------------------------------------------------------------------------------------
 def build_model(cfg, name, vocab_size, block_size):
     """The comparison's models. MoE experts are 4C/(top_k+n_shared) wide, so the FFN parameters a
     token uses equal the dense model's 4C; Mamba gets twice the layers (Mamba §4.2: a Mamba block
@@ -803,59 +622,28 @@ def build_model(cfg, name, vocab_size, block_size):
     return TransformerLM(vocab_size, block_size, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.dropout, moe)
 
 
-# --- Training -------------------------------------------------------------------------------------
-def save_checkpoint(path, model, optimizer, cfg, step, best_val, **extra):
-    """Write the checkpoint to a temporary file, then rename it: a crash mid-write never destroys
-    the previous checkpoint. The RNG state makes a resumed CPU run continue exactly. `extra` adds
-    keys (here: the training wall time so far, for the equal-time comparison)."""
-    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps the model: save the original
-    raw = getattr(raw, "module", raw)  # and DDP wraps it too
-    raw = getattr(raw, "_orig_mod", raw)  # DDP(compile(model)): unwrap compile last as well
-    ckpt = {
-        "model": raw.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(cfg),
-        "step": step,
-        "best_val": best_val,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        **extra,
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def init_model(cfg, name, task, device="cpu", rank=0, world_size=1, load=None):
+    """Model `name` for `task` and its AdamW; with --init_from=resume (or load=True) weights, optimizer
+    and RNG continue from out_dir/ckpt_<name>.pt. -> (model, optimizer, checkpoint or None)."""
+    torch.manual_seed(cfg.seed + rank)
+    model = build_model(cfg, name, task.vocab_size, task.block_size).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; not norms, biases, A_log, D
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
+                                   "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
+    if not (cfg.init_from == "resume" if load is None else load):
+        return model, optimizer, None
+    path = os.path.join(cfg.out_dir, f"ckpt_{name}.pt")
+    return model, optimizer, resume(path, cfg, model, optimizer, rank, world_size, stage=name)
 
 
-def load_checkpoint(path, cfg):
-    """Load a checkpoint saved by this script, refusing one whose model shape differs from `cfg`."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, a pickle from elsewhere, another format
-        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint")
-    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
-            for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
-    return ckpt
-
-
-def log_jsonl(cfg, record):
-    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def get_lr(cfg, it):
+def get_lr(cfg, step):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step > cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    ratio = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -863,104 +651,41 @@ def lm_loss(logits, y):
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1), ignore_index=-1)
 
 
-@torch.no_grad()
-def evaluate(model, task, cfg, device, ctx):
-    """Mean loss per split over eval_iters batches from fixed generators (every eval and every model
-    sees the same batches; the global RNG is untouched, so resumed runs stay exact). Also: copy
-    accuracy on the answer positions, MoE expert load and drop rate."""
-    model.eval()
-    out, loads, drops, correct, total = {}, [], [], 0, 0
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg.seed + (1_000_003 if split == "val" else 2_000_003))
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = task.get_batch(split, device, gen)
-            with ctx:
-                logits, _ = model(x)
-            losses.append(lm_loss(logits, y).item())
-            if split == "val":
-                mask = y >= 0
-                correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
-                total += mask.sum().item()
-                for m in model.modules():
-                    if isinstance(m, MoE):
-                        loads.append(m.stats["load"].float().cpu())
-                        drops.append(float(m.stats["drop_rate"]))
-        out[f"{split}_loss"] = sum(losses) / len(losses)
-    out["val_acc"] = correct / max(1, total)
-    if loads:  # coefficient of variation of per-expert load, per layer, averaged over layers
-        n_moe = sum(isinstance(m, MoE) for m in model.modules())
-        per_layer = torch.stack(loads).view(-1, n_moe, loads[0].numel()).sum(0)  # (layers, E)
-        out["load_cv"] = (per_layer.std(1, unbiased=False) / per_layer.mean(1)).mean().item()
-        out["load_frac"] = (per_layer.sum(0) / per_layer.sum()).tolist()
-        out["drop_rate"] = sum(drops) / len(drops)
-    model.train()
-    return out
-
-
-def weights_checksum(model):
-    """A hash of every parameter's bytes: equal on all DDP ranks iff their weights are identical."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def train(cfg, name, task, rank=0, world_size=1, local_rank=0) -> dict:
     """Train one model of the comparison on `task`; -> the last evaluation (plus wall time, params)."""
-    master = rank == 0
+    if cfg.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                        f"the number of ranks ({world_size})")
+    grad_accum, master = cfg.gradient_accumulation_steps // world_size, rank == 0  # each rank does its share
     device, ctx, scaler = setup_device(cfg, local_rank)
-    torch.manual_seed(cfg.seed + rank)
-    model = build_model(cfg, name, task.vocab_size, task.block_size).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; not norms, biases, A_log, D
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
-                                  betas=(0.9, 0.95))
-    ckpt_path = os.path.join(cfg.out_dir, f"ckpt_{name}.pt")
-    step, best_val, elapsed = 0, float("inf"), 0.0
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        elapsed = ckpt.get("elapsed", 0.0)
-        if rank == 0:  # the saved RNG is rank 0's; other ranks reseed so their batches still differ
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        else:
-            torch.manual_seed(cfg.seed + rank + 1_000 * step)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled, it passes everything through (nanoGPT)
+    raw_model, optimizer, ckpt = init_model(cfg, name, task, device, rank, world_size)
+    step, best_val, elapsed = (ckpt["step"], ckpt["best_val"], ckpt["elapsed"]) if ckpt else (0, float("inf"), 0.0)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         print(f"[{name}] {n_params / 1e6:.3f}M parameters, from step {step}")
-    tokens_per_step = cfg.batch_size * task.block_size * cfg.gradient_accumulation_steps * world_size
+    tokens_per_step = cfg.batch_size * task.block_size * cfg.gradient_accumulation_steps
     metrics, t0 = {}, time.time()
     while step < cfg.max_iters:
         lr = get_lr(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
+        for micro_step in range(grad_accum):
             x, y = task.get_batch("train", device)
-            sync = micro == cfg.gradient_accumulation_steps - 1
-            with (nullcontext() if sync or world_size == 1 else model.no_sync()), ctx:
+            if world_size > 1:  # all-reduce the gradients only after the last micro-batch
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with ctx:
                 logits, aux = model(x)
-                loss = (lm_loss(logits, y) + aux) / cfg.gradient_accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+                loss = (lm_loss(logits, y) + aux) / grad_accum
+            scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
-            if scaler:
-                scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)  # skipped when float16 gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if device.startswith("cuda"):
@@ -968,8 +693,8 @@ def train(cfg, name, task, rank=0, world_size=1, local_rank=0) -> dict:
         dt, t0 = time.time() - t0, time.time()
         elapsed += dt
         if master and step % cfg.log_interval == 0:
-            print(f"[{name}] step {step}: loss {loss.item() * cfg.gradient_accumulation_steps:.4f}, "
-                  f"lr {lr:.2e}, {tokens_per_step / dt:,.0f} tok/s, {dt * 1000:.1f} ms/step")
+            print(f"[{name}] step {step}: loss {loss.item() * grad_accum:.4f}, lr {lr:.2e}, "
+                  f"{tokens_per_step / dt:,.0f} tok/s, {dt * 1000:.1f} ms/step")
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             metrics = evaluate(raw_model, task, cfg, device, ctx)
             metrics.update(model=name, step=step, lr=lr, time_s=elapsed, params=n_params)
@@ -982,57 +707,77 @@ def train(cfg, name, task, rank=0, world_size=1, local_rank=0) -> dict:
                 log_jsonl(cfg, metrics)
                 if metrics["val_loss"] < best_val or cfg.always_save_checkpoint:
                     best_val = min(best_val, metrics["val_loss"])
-                    save_checkpoint(ckpt_path, model, optimizer, cfg, step, best_val, elapsed=elapsed)
+                    save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{name}.pt"), model, optimizer, cfg, step,
+                                    best_val, stage=name, elapsed=elapsed)
             t0 = time.time()  # evaluation time is not training time
     if not metrics:  # resumed a run that had already finished: report its final state
         metrics = evaluate(raw_model, task, cfg, device, ctx)
         metrics.update(model=name, step=step, lr=get_lr(cfg, step), time_s=elapsed, params=n_params)
     if world_size > 1:
-        print(f"[rank {rank}] [{name}] weights checksum {weights_checksum(raw_model)}")
+        print(f"[rank {rank}] [{name}] fingerprint {fingerprint(raw_model)}")
     return metrics
 
 
 # --- Evaluation / inference -----------------------------------------------------------------------
-def time_call(fn, device="cpu", repeat=5):
-    """Best of `repeat` wall times of fn(), after one warm-up call (waiting for the GPU to finish)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+@torch.no_grad()
+def evaluate(model, task, cfg, device, ctx):
+    """Mean loss per split over eval_iters batches from fixed generators (every eval and every model
+    sees the same batches; the global RNG is untouched, so resumed runs stay exact). Also: copy
+    accuracy on the answer positions, MoE expert load and drop rate."""
+    model.eval()
+    out, moes, load, drops, correct, total = {}, [m for m in model.modules() if isinstance(m, MoE)], 0, [], 0, 0
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + (1_000_003 if split == "val" else 2_000_003))
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = task.get_batch(split, device, gen)
+            with ctx:
+                logits, _ = model(x)
+            losses.append(lm_loss(logits, y).item())
+            if split == "val":
+                mask = y >= 0
+                correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
+                total += mask.sum().item()
+                if moes:
+                    load = load + torch.stack([m.stats["load"].float().cpu() for m in moes])  # (layers, E)
+                    drops += [float(m.stats["drop_rate"]) for m in moes]
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+    out["val_acc"] = correct / max(1, total)
+    if moes:  # coefficient of variation of per-expert load, per layer, averaged over layers
+        out["load_cv"] = (load.std(1, unbiased=False) / load.mean(1)).mean().item()
+        out["load_frac"] = (load.sum(0) / load.sum()).tolist()
+        out["drop_rate"] = sum(drops) / len(drops)
+    model.train()
+    return out
 
 
 def bench(cfg):
     """Sequential loop vs parallel scan (forward, forward+backward, max difference) as l grows; then
     the memory of Mamba's recurrent state vs a Transformer's KV cache as generation proceeds."""
     device, _, _ = setup_device(cfg)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def ms(fn):  # the best of 5 wall times after a warm-up call, waiting for the GPU each time
+        return 1000 * min(timeit.repeat(lambda: (fn(), sync()), setup=sync, number=1, repeat=6)[1:])
+
     torch.manual_seed(cfg.seed)
-    b, d, n = 1, cfg.expand * cfg.n_embd, cfg.d_state
-    print(f"scan benchmark on {device} (b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads, "
-          f"keep_freed_memory={cfg.keep_freed_memory})")
-    print(f"{'l':>6} {'seq fwd ms':>11} {'par fwd ms':>11} {'seq f+b ms':>11} {'par f+b ms':>11} "
+    b, d, n, lengths = 1, cfg.expand * cfg.n_embd, cfg.d_state, [int(s) for s in cfg.bench_lengths.split(",")]
+    print(f"scan benchmark on {device} (b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads)\n"
+          f"{'l':>6} {'seq fwd ms':>11} {'par fwd ms':>11} {'seq f+b ms':>11} {'par f+b ms':>11} "
           f"{'speed-up f+b':>13} {'max |diff|':>11}")
     rows = []
-    for l in [int(s) for s in cfg.bench_lengths.split(",")]:
-        u = torch.randn(b, l, d, device=device, requires_grad=True)
-        delta = F.softplus(torch.randn(b, l, d, device=device)).requires_grad_()
-        A = -torch.exp(torch.randn(d, n, device=device)).requires_grad_()
-        B, C = (torch.randn(b, l, n, device=device, requires_grad=True) for _ in range(2))
-        D = torch.randn(d, device=device, requires_grad=True)
-        args = (u, delta, A, B, C, D)
+    for l in lengths:
+        shapes = [(b, l, d), (b, l, d), (d, n), (b, l, n), (b, l, n), (d,)]
+        u, delta, A, B, C, D = (torch.randn(shape, device=device) for shape in shapes)
+        args = [t.requires_grad_() for t in (u, F.softplus(delta), -torch.exp(A), B, C, D)]
         row = {"l": l}
         for kind, scan in [("seq", selective_scan_sequential), ("par", selective_scan_parallel)]:
             with torch.no_grad():
-                row[f"{kind}_fwd_ms"] = 1000 * time_call(lambda: scan(*args), device)
-            row[f"{kind}_fwdbwd_ms"] = 1000 * time_call(lambda: scan(*args).sum().backward(), device)
+                row[f"{kind}_fwd_ms"] = ms(lambda: scan(*args))
+            row[f"{kind}_fwdbwd_ms"] = ms(lambda: scan(*args).sum().backward())
         with torch.no_grad():
-            row["max_abs_diff"] = (selective_scan_parallel(*args) - selective_scan_sequential(*args)).abs().max().item()
-        row["speedup_fwdbwd"] = row["seq_fwdbwd_ms"] / row["par_fwdbwd_ms"]
+            diff = selective_scan_parallel(*args) - selective_scan_sequential(*args)
+        row.update(max_abs_diff=diff.abs().max().item(), speedup_fwdbwd=row["seq_fwdbwd_ms"] / row["par_fwdbwd_ms"])
         print(f"{l:>6} {row['seq_fwd_ms']:>11.1f} {row['par_fwd_ms']:>11.1f} {row['seq_fwdbwd_ms']:>11.1f} "
               f"{row['par_fwdbwd_ms']:>11.1f} {row['speedup_fwdbwd']:>12.1f}x {row['max_abs_diff']:>11.2e}")
         log_jsonl(cfg, {"bench": "scan", **row})
@@ -1040,15 +785,15 @@ def bench(cfg):
     # Generation memory: Mamba's state is measured from the tensors step() carries; a Transformer of
     # the same width and depth caches K and V (2 * n_layer * T * C numbers) for every past token.
     mamba = MambaLM(64, 2 * cfg.n_layer, cfg.n_embd, cfg.d_state, cfg.d_conv, cfg.expand).to(device)
-    print(f"\ngeneration memory per sequence, float32 (Mamba {2 * cfg.n_layer} layers, "
-          f"Transformer {cfg.n_layer} layers, C={cfg.n_embd})")
-    print(f"{'tokens':>7} {'Mamba state KB':>15} {'KV cache KB':>12}")
-    for T in [int(s) for s in cfg.bench_lengths.split(",")]:
+    print(f"\ngeneration memory per sequence, float32 (Mamba {2 * cfg.n_layer} layers, Transformer "
+          f"{cfg.n_layer} layers, C={cfg.n_embd})\n{'tokens':>7} {'Mamba state KB':>15} {'KV cache KB':>12}")
+    for T in lengths:
         _, states = mamba.generate(torch.zeros(1, 1, dtype=torch.long, device=device), T - 1)
         state_bytes = sum(t.numel() * t.element_size() for s in states for t in s)
         kv_bytes = 2 * cfg.n_layer * T * cfg.n_embd * 4
         print(f"{T:>7} {state_bytes / 1024:>15.1f} {kv_bytes / 1024:>12.1f}")
-        log_jsonl(cfg, {"bench": "memory", "tokens": T, "mamba_state_bytes": state_bytes, "kv_cache_bytes": kv_bytes})
+        log_jsonl(cfg, {"bench": "memory", "tokens": T, "mamba_state_bytes": state_bytes,
+                        "kv_cache_bytes": kv_bytes})
     return rows
 
 
@@ -1062,12 +807,10 @@ def plot_lm(cfg, results, histories):
         print("matplotlib is not installed (pip install matplotlib): skipping the PNGs")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, hist in histories.items():
-        axes[0].plot([h["step"] for h in hist], [h["val_loss"] for h in hist], marker=".", label=name)
-        axes[1].plot([h["time_s"] for h in hist], [h["val_loss"] for h in hist], marker=".", label=name)
-    for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("val loss (nats/char)")
+    for ax, key, xlabel in zip(axes, ("step", "time_s"), ("step", "training wall time (s)")):
+        for name, hist in histories.items():
+            ax.plot([h[key] for h in hist], [h["val_loss"] for h in hist], marker=".", label=name)
+        ax.set(xlabel=xlabel, ylabel="val loss (nats/char)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "lm_curves.png"), dpi=100)
@@ -1079,58 +822,45 @@ def plot_lm(cfg, results, histories):
             xs = [i + j * width for i in range(len(r["load_frac"]))]
             ax.bar(xs, r["load_frac"], width, label=f"{name} (CV {r['load_cv']:.2f})")
         ax.axhline(1 / cfg.n_experts, color="k", ls="--", lw=1, label="uniform")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("fraction of routed tokens (val)")
+        ax.set(xlabel="expert", ylabel="fraction of routed tokens (val)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(cfg.out_dir, "expert_load.png"), dpi=100)
 
 
-def loss_at_time(hist, t):
-    """Val loss at training wall time t, interpolated linearly between evaluations."""
-    pts = [(h["time_s"], h["val_loss"]) for h in hist]
-    if t <= pts[0][0]:
-        return pts[0][1]
-    for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
-        if t <= t1:
-            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-9)
-    return pts[-1][1]
-
-
 def run_comparison(cfg):
-    """Train each model of the mode's comparison in turn; print (and return) the results table."""
+    """Modes copy and lm: train each model in turn; print (and return) the results, with each model's
+    val loss at the training time of the fastest (interpolated between evaluations); lm mode also
+    plots them and samples the Mamba LM through its recurrent step()."""
     rank, local_rank, world_size = setup_ddp()
-    master = rank == 0
     try:
-        task = CopyTask(cfg) if cfg.mode == "copy" else ShakespeareTask(cfg, master)
+        task = CopyTask(cfg) if cfg.mode == "copy" else ShakespeareTask(cfg, rank == 0)
         results = {name: train(cfg, name, task, rank, world_size, local_rank) for name in model_names(cfg)}
     finally:
         if world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
-    if not master:
+    if rank != 0:
         return results
     histories = {}
     with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
         for rec in map(json.loads, f):
-            if rec.get("model") in results:  # the last run of each model wins (resumes append)
+            if rec.get("model") in results:  # a resumed run appends: its records replace those from its step on
                 hist = histories.setdefault(rec["model"], [])
-                while hist and hist[-1]["step"] >= rec["step"]:
-                    hist.pop()
-                hist.append(rec)
+                hist[:] = [h for h in hist if h["step"] < rec["step"]] + [rec]
     t_equal = min(h[-1]["time_s"] for h in histories.values())
     print(f"\n{'model':<10} {'params':>9} {'steps':>6} {'val loss':>9} {'val acc':>8} {'wall s':>8} "
           f"{'val@' + format(t_equal, '.0f') + 's':>9} {'load CV':>8} {'dropped':>8}")
     for name, r in results.items():
-        r["val_loss_equal_time"] = loss_at_time(histories[name], t_equal)
+        times, losses = zip(*[(h["time_s"], h["val_loss"]) for h in histories[name]])
+        r["val_loss_equal_time"] = float(np.interp(t_equal, times, losses))
         moe = f"{r['load_cv']:>8.3f} {r['drop_rate']:>8.3f}" if "load_cv" in r else f"{'-':>8} {'-':>8}"
         print(f"{name:<10} {r['params']:>9,} {r['step']:>6} {r['val_loss']:>9.4f} {r['val_acc']:>8.4f} "
               f"{r['time_s']:>8.1f} {r['val_loss_equal_time']:>9.4f} {moe}")
     if cfg.mode == "lm":
         plot_lm(cfg, results, histories)
-        if isinstance(task, ShakespeareTask) and "mamba" in results:
-            model = build_model(cfg, "mamba", task.vocab_size, task.block_size)
-            model.load_state_dict(torch.load(os.path.join(cfg.out_dir, "ckpt_mamba.pt"), weights_only=True)["model"])
+        if "mamba" in results:  # the trained weights, back from the checkpoint through init_model
+            model, _, _ = init_model(cfg, "mamba", task, load=True)
             torch.manual_seed(cfg.seed)
             out, _ = model.generate(torch.zeros(1, 1, dtype=torch.long), 200)
             text = "".join(task.chars[i] for i in out[0].tolist())
@@ -1140,19 +870,214 @@ def run_comparison(cfg):
 
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
+    return run_cli({"copy": run_comparison, "lm": run_comparison, "bench": bench}, argv)
+
+
+# --- Plumbing: the same in every script ----------------------------------------------------------
+# Flags, devices, DDP, downloads, checkpoints, logs: byte-identical in all seven scripts (a test
+# compares them), so read it once. What differs per script comes from the constants beside Config
+# (SCRIPT_NAME, PRESETS, DEFAULT_PRESET, RULES, MODEL_KEYS) and from its check_config(cfg).
+class UserError(Exception):
+    """A problem the user can fix (missing data, a foreign checkpoint): one `error:` line, exit 1."""
+
+
+def parse_args(argv=None) -> Config:
+    """`--preset NAME` (then PRESETS["NAME/<mode>"] if there is one), then `--field=value` or
+    `--field value` for any Config field, then RULES and check_config. A bad flag or value exits
+    with status 2 and names the flag; --help lists every field with its default and comment."""
+    argv, fields = list(sys.argv[1:] if argv is None else argv), {f.name: f for f in dataclasses.fields(Config)}
+    presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
+
+    def fail(msg):
+        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        sys.exit(2)
+
+    if "-h" in argv or "--help" in argv:
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+        print(f"usage: python {SCRIPT_NAME}.py [--preset {'|'.join(presets)}] [--field=value ...]")
+        for name, f in {"preset": dataclasses.field(default=DEFAULT_PRESET), **fields}.items():
+            print(f"  --{name}={f.default!s}".ljust(36) + helps.get(name, "overrides applied before the flags"))
+        sys.exit(0)
+    overrides, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or (name not in fields and name != "preset"):
+            fail(f"unknown flag {argv[i]}" if argv[i].startswith("--") else f"unexpected argument {argv[i]!r}")
+        kind = fields[name].type if name in fields else str
+        if not eq:  # `--name value`, or a bare boolean flag meaning true
+            bare = kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+            if not bare and i + 1 == len(argv):
+                fail(f"--{name} needs a value")
+            value, i = ("true", i) if bare else (argv[i + 1], i + 1)
+        i += 1
+        try:
+            overrides[name] = bools[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            fail(f"--{name} expects {kind.__name__}, got {value!r}")
+    preset = overrides.pop("preset", DEFAULT_PRESET)
+    if preset not in presets:
+        fail(f"unknown preset {preset!r} (choose from {', '.join(presets)})")
+    mode = overrides.get("mode", PRESETS[preset].get("mode", Config.mode))
+    cfg = Config(**{**PRESETS[preset], **PRESETS.get(f"{preset}/{mode}", {}), **overrides})
+    bounds = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+    for name, rule in RULES.items():  # a tuple lists the allowed values; a string bounds a number
+        value, choices = getattr(cfg, name), isinstance(rule, tuple)
+        if not (value in rule if choices else math.isfinite(value) and bounds[rule](value)):
+            fail(f"--{name} must be {'one of ' + ', '.join(map(str, rule)) if choices else rule}, not {value!r}")
     try:
-        check_config(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.mode == "bench":
-            bench(cfg)
-        else:
-            run_comparison(cfg)
+        check_config(cfg)  # the rules that tie several flags together
+    except ValueError as e:
+        fail(str(e))
+    return cfg
+
+
+def run_cli(modes, argv=None):
+    """Parse the flags, check --device and --out_dir before any work, run modes[cfg.mode](cfg).
+    A UserError ends the run with its message on one line and exit status 1, not a traceback."""
+    cfg = parse_args(argv)
+    try:
+        cuda = ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        have = ["cpu"] + cuda + ["mps"] * torch.backends.mps.is_available()
+        if cfg.device != "auto" and cfg.device not in have:
+            raise UserError(f"--device {cfg.device} is not available here; this machine has: auto, {', '.join(have)}")
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out_dir).close()
+        except OSError as e:
+            raise UserError(f"--out_dir {cfg.out_dir} is not a folder this user can write ({e.strerror})") from None
+        return modes[cfg.mode](cfg)
     except UserError as e:
         print(f"{SCRIPT_NAME}.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def setup_ddp():
+    """DDP when launched by torchrun (RANK set): -> (rank, local_rank, world_size). nccl on CUDA,
+    gloo on CPU. Rank 0 alone logs, downloads and saves."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def setup_device(cfg, local_rank=0):
+    """-> (device, autocast context, GradScaler or None). cuda > mps > cpu unless --device says
+    otherwise. dtype `auto` picks bfloat16 where the GPU runs it natively, else float16 with a
+    GradScaler (it scales the loss up so small float16 gradients do not underflow), else float32."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device, dtype = f"cuda:{local_rank}" if device == "cuda" else device, cfg.dtype
+    device_type = device.split(":")[0]
+    if dtype == "auto":  # CPUs without AMX run bfloat16 matmuls slower than float32
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return device, ctx, torch.amp.GradScaler(device_type) if dtype == "float16" else None
+
+
+def download(url, path, sha256=None, magic=None, headers=None):
+    """Fetch `url` to `path` unless it is there, through `path + ".part"` and a rename after a check
+    (the sha256 if pinned, else the first bytes: `magic`, and never a proxy's HTML page), so a cut,
+    corrupt or wrong download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    import requests  # only needed when something is actually downloaded
+
+    tmp, hint, head = path + ".part", f"download it by hand from {url} and save it as {path}", b""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r, open(tmp, "wb") as f:
+            r.raise_for_status()
+            total, digest = int(r.headers.get("content-length", 0)), hashlib.sha256()
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                head = head or chunk[:64]
+                pct = f" {100 * f.tell() / total:5.1f}%" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {f.tell() / 1e6:.1f} MB{pct}", end="", flush=True)
+        print()
+    except (requests.RequestException, OSError) as e:  # OSError: a read-only or full data_dir
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({e.__class__.__name__}: {e}). If this machine is "
+                        f"offline, {hint} (or point --data_dir / LLM_DATA_DIR at a folder that has it).") from None
+    wrong = (f"sha256 {digest.hexdigest()}, expected {sha256}" if sha256 and digest.hexdigest() != sha256 else
+             f"it does not start with {magic!r}" if magic and not head.startswith(magic) else
+             "it is an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else None)
+    if wrong:
+        os.remove(tmp)
+        raise UserError(f"{url} did not send the expected file ({wrong}); run again, or {hint}")
+    os.replace(tmp, path)
+    return path
+
+
+def unwrap(model):
+    """The plain nn.Module inside DDP(...) and torch.compile(...) wrappers, in any order."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
+    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+                "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_KEYS):
+    """torch.load with weights_only=True (a pickle cannot run code), refusing a checkpoint that is
+    missing, truncated, from another script or stage, or of another shape than `cfg` on `keys`."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or check --out_dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a pickle with code in it, another format
+        raise UserError(f"{path} is not a checkpoint this script can read ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script or (stage and ckpt.get("stage") != stage):
+        got = f"{ckpt.get('script')} {ckpt.get('stage')}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is not a {script}.py {stage + ' ' if stage else ''}checkpoint (it is: {got})")
+    diff = [f"{k}={ckpt['config'].get(k)!r} (flags say {getattr(cfg, k)!r})"
+            for k in keys if cfg is not None and ckpt["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise UserError(f"{path} was trained with another model config: {', '.join(diff)}")
+    return ckpt
+
+
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+    """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
+    with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
+    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
+    ckpt = load_checkpoint(path, cfg, stage)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if world_size > 1:
+        torch.manual_seed(cfg.seed + rank + 7919 * ckpt["step"])
+    else:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
+def fingerprint(model):
+    """16 hex digits of sha256 over every parameter: equal on DDP ranks iff their weights are."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def log_jsonl(cfg, record):
+    """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ side effects (no downloads, no argument parsing, no files written) -- tests/test
 
 Fixtures and helpers:
 - load_script(name)            -> the script as a module, loaded once and cached
+- script_section(name, first, end) -> the lines of a script from its first banner starting with
+                                  `first` up to (not including) the first banner starting with `end`
+- milestone_namespace(name)    -> the script's milestone section executed on its own, after only
+                                  the file's import lines (what a reader who copies it gets)
 - run_script(name, *args, ...) -> ScriptResult(returncode, output) of `python 0N_x.py args`
 - run_torchrun(name, *args)    -> the same under `torchrun --standalone --nproc_per_node=2` (gloo)
 - data_dir fixture             -> a function data_dir("tinyshakespeare") returning $LLM_DATA_DIR, or
@@ -16,6 +20,7 @@ Fixtures and helpers:
 import functools
 import http.server
 import importlib.util
+import linecache
 import os
 import subprocess
 import sys
@@ -47,6 +52,37 @@ def load_script(name):
     sys.modules[mod_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def script_section(name, first, end=None):
+    """Lines of a script from the first line starting with `first` to the first later line
+    starting with `end` (or to the `if __name__` guard, or the end of the file)."""
+    lines = script_path(name).read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(first)), None)
+    if start is None:
+        pytest.fail(f"{name} has no line starting with {first!r}")
+    stops = (end,) if end else ("if __name__",)
+    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(stops)), len(lines))
+    return lines[start:stop]
+
+
+def milestone_namespace(name):
+    """Execute the milestone section (from the first `# --- Milestone` banner to `# --- Data`)
+    in a fresh namespace that holds only the file's own top-level import lines."""
+    import ast
+    source = script_path(name).read_text(encoding="utf-8")
+    imports = [ast.get_source_segment(source, node) for node in ast.parse(source).body
+               if isinstance(node, (ast.Import, ast.ImportFrom))]
+    section = "\n".join(script_section(name, "# --- Milestone", "# --- Data"))
+    ns = {"__name__": f"milestone_{script_path(name).stem}"}
+    sys.modules[ns["__name__"]] = type(sys)(ns["__name__"])  # dataclasses look their module up
+    code = "\n".join(imports) + "\n" + section
+    filename = f"<{name} milestone section>"
+    # @triton.jit reads its kernel's source: give the exec'd text a source as a real file has
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    exec(compile(code, filename, "exec"), ns)
+    sys.modules[ns["__name__"]].__dict__.update(ns)
+    return ns
 
 
 @dataclass

@@ -295,23 +295,58 @@ def test_eng_fra_prepare_splits_by_source(mod, tmp_path):
     assert n == 2 * 6 * 20 and "froid" in vocab["src"]  # "Tom is" and "Go." are not tutorial prefixes
 
 
-def test_download_extracts_eng_fra_zip(mod, tmp_path, http_server, monkeypatch):
-    served = tmp_path / "served"
+def zip_bytes(members):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return buf.getvalue()
+
+
+def test_eng_fra_zip_is_downloaded_and_read_without_extracting(mod, tmp_path, http_server, monkeypatch):
+    served, data = tmp_path / "served", tmp_path / "data"
     served.mkdir()
-    with zipfile.ZipFile(served / "fra-eng.zip", "w") as z:
-        z.writestr("fra.txt", "Go.\tVa !\tCC-BY\nHi.\tSalut !\tCC-BY\n")
-        z.writestr("_about.txt", "about")
-    monkeypatch.setattr(mod, "ENG_FRA_URL", http_server(served) + "/fra-eng.zip")
-    path = mod.eng_fra_path(str(tmp_path / "data"))
-    assert mod.read_eng_fra(path) == [("Go.", "Va !"), ("Hi.", "Salut !")]
-    assert not any(p.endswith(".part") for p in os.listdir(tmp_path / "data" / "eng-fra"))
+    (served / "fra-eng.zip").write_bytes(zip_bytes({"fra.txt": "Go.\tVa !\tCC-BY\nHi.\tSalut !\tCC-BY\n",
+                                                    "_about.txt": "about"}))
+    (served / "portal.zip").write_text("<!DOCTYPE html><html><body>Please log in</body></html>")
+    (served / "other.zip").write_bytes(b"\x1f\x8b a gzip, not a zip")
+    url = http_server(served)
+    for name in ("portal.zip", "other.zip"):  # a captive portal's page, or another format: refused
+        monkeypatch.setattr(mod, "ENG_FRA_URL", f"{url}/{name}")
+        with pytest.raises(mod.UserError, match=rf"{url}/{name} did not send the expected file \(it does not start "
+                                                rf"with b'PK.*save it as .*fra-eng.zip"):
+            mod.read_eng_fra(str(data))
+        assert not (data / "eng-fra" / "fra-eng.zip").exists() and not (data / "eng-fra" / "fra-eng.zip.part").exists()
+    monkeypatch.setattr(mod, "ENG_FRA_URL", f"{url}/fra-eng.zip")
+    name, text = mod.read_eng_fra(str(data))
+    assert text.startswith("Go.\tVa !") and name.endswith("fra-eng.zip: fra.txt")
+    assert sorted(os.listdir(data / "eng-fra")) == ["fra-eng.zip"]  # nothing extracted, no .part left
+
+    # a data folder holding only the zip is only read (issue #16: it failed writing fra.txt.part there)
+    readonly = tmp_path / "readonly"
+    (readonly / "eng-fra").mkdir(parents=True)
+    (readonly / "eng-fra" / "fra-eng.zip").write_bytes(zip_bytes({"fra.txt": "\n".join(tiny_corpus()) + "\n"}))
+    monkeypatch.setattr(mod, "ENG_FRA_URL", closed_port_url() + "fra-eng.zip")  # no download happens
+    readonly.chmod(0o555)
+    (readonly / "eng-fra").chmod(0o555)
+    try:
+        splits, vocab = mod.prepare(mod.parse_args(["--preset", "tiny", f"--data_dir={readonly}"]))
+    finally:
+        (readonly / "eng-fra").chmod(0o755)
+    assert sum(map(len, splits.values())) == len(tiny_corpus()) and "froid" in vocab["tgt"]
+    assert os.listdir(readonly / "eng-fra") == ["fra-eng.zip"]
+    (readonly / "eng-fra" / "fra-eng.zip").write_bytes(zip_bytes({"other.txt": ""}))
+    with pytest.raises(mod.UserError, match="is not manythings' fra-eng.zip with a fra.txt inside"):
+        mod.read_eng_fra(str(readonly))
 
 
 # --- bad input --------------------------------------------------------------------------------------
 def run_main(mod, capsys, *args):
     with pytest.raises(SystemExit) as exc:
         mod.main(list(args))
-    return exc.value.code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    return exc.value.code, err
 
 
 def closed_port_url():
@@ -320,25 +355,71 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
-def test_bad_input_messages(mod, tmp_path, capsys, monkeypatch):
-    code, err = run_main(mod, capsys, "--n_hiden=3")
-    assert code == 2 and "unknown flag --n_hiden" in err
-    code, err = run_main(mod, capsys, "--cell=rnn")
-    assert code == 1 and "--cell must be one of" in err and "Traceback" not in err
+@pytest.mark.parametrize("flags,needle", [
+    (["--n_hiden=3"], "unknown flag --n_hiden"),
+    (["--cell=rnn"], "--cell must be one of lstm, gru, lstm_manual, not 'rnn'"),
+    (["--attn=luong"], "--attn must be one of"),
+    (["--dataset=wmt"], "--dataset must be one of eng-fra, multi30k"),
+    (["--init_from=ckpt.pt"], "--init_from must be one of scratch, resume"),
+    (["--dtype=int8"], "--dtype must be one of"),
+    (["--batch_size=0"], "--batch_size must be > 0, not 0"),  # was: max() arg is an empty sequence
+    (["--max_len=0"], "--max_len must be > 0"),
+    (["--n_layer=0"], "--n_layer must be > 0"),
+    (["--eval_iters=0"], "--eval_iters must be > 0"),
+    (["--beam_size=0"], "--beam_size must be > 0"),
+    (["--dropout=1"], "--dropout must be in [0, 1)"),
+    (["--grad_clip=-1"], "--grad_clip must be >= 0"),
+    (["--length_penalty=-1"], "--length_penalty must be >= 0"),
+    (["--teacher_forcing=1.5"], "--teacher_forcing is a probability"),
+    (["--heldout_frac=0.5"], "--heldout_frac counts twice"),
+    (["--min_lr=1"], "--min_lr=1.0 must not exceed --learning_rate"),
+    (["--dataset=multi30k", "--reverse"], "--reverse applies to --dataset=eng-fra only"),
+    (["--attn=luong_dot"], "--attn=luong_dot scores s·m"),
+    (["--mode=translate"], "--text is empty: --mode translate needs a sentence"),
+])
+def test_bad_flags_exit_2_naming_the_flag(mod, capsys, flags, needle):
+    code, err = run_main(mod, capsys, "--preset", "tiny", *flags)
+    assert code == 2 and needle in err
+
+
+def test_help_describes_every_flag(mod, capsys):
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: python 01_lstm_seq2seq.py [--preset tiny|cpu|gpu]")
+    assert "--beam_size=5" in out and "beam width for BLEU and translate (1 = greedy)" in out
+    assert "--cell=lstm" in out and "lstm_manual (hand-derived backward)" in out
+
+
+def test_bad_data_and_offline_messages(mod, tmp_path, capsys, monkeypatch):
     fra = tmp_path / "bad" / "eng-fra" / "fra.txt"
     write_fra(fra, ["Go.\tVa !", "Hi. Salut !"])
     code, err = run_main(mod, capsys, "--preset", "tiny", f"--data_dir={tmp_path / 'bad'}", f"--out_dir={tmp_path / 'o'}")
-    assert code == 1 and f"{fra}, line 2" in err
+    assert code == 1 and f"{fra}, line 2: expected 'English<TAB>French'" in err
     url = closed_port_url()
     monkeypatch.setattr(mod, "ENG_FRA_URL", url + "fra-eng.zip")
     monkeypatch.setattr(mod, "MULTI30K_URL", url)
-    for dataset in ("eng-fra", "multi30k"):
+    for dataset, file in (("eng-fra", "eng-fra/fra-eng.zip"), ("multi30k", "multi30k/train.de.gz")):
         code, err = run_main(mod, capsys, "--preset", "tiny", f"--dataset={dataset}", f"--data_dir={tmp_path / 'empty'}",
                              f"--out_dir={tmp_path / 'o'}")
-        assert code == 1 and f"could not download {url}" in err and "by hand" in err
+        assert code == 1 and f"could not download {url}" in err
+        assert f"download it by hand from {url}" in err and f"save it as {tmp_path / 'empty' / file}" in err
     assert not os.listdir(tmp_path / "empty" / "eng-fra")  # no .part left behind
     code, err = run_main(mod, capsys, "--mode=translate", f"--out_dir={tmp_path / 'none'}", "--text=hi")
-    assert code == 1 and "no checkpoint" in err
+    assert code == 1 and "no checkpoint at" in err
+
+
+def test_foreign_checkpoints_are_refused(mod, corpus_dir, tmp_path, capsys):
+    """03's ckpt.pt in our out_dir, or one of ours from another stage: one line, exit 1 (#16)."""
+    cfg = mod.parse_args(["--preset", "tiny"])
+    ckpt = {"script": "03_gpt", "stage": "train", "model": {}, "config": {}, "step": 1, "best_val": 1.0}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for argv in (["--mode=translate", "--text=hi"], ["--init_from=resume", f"--data_dir={corpus_dir}"]):
+        code, err = run_main(mod, capsys, "--preset", "tiny", f"--out_dir={tmp_path}", *argv)
+        assert code == 1 and "is not a 01_lstm_seq2seq.py train checkpoint (it is: 03_gpt train)" in err
+    mod.save_checkpoint(str(tmp_path / "ckpt.pt"), torch.nn.Linear(1, 1), None, cfg, 1, 1.0, stage="bench")
+    code, err = run_main(mod, capsys, "--preset", "tiny", f"--out_dir={tmp_path}", "--mode=bleu")
+    assert code == 1 and "(it is: 01_lstm_seq2seq bench)" in err
 
 
 # --- CLI end to end, resume, DDP ----------------------------------------------------------------------
@@ -372,7 +453,7 @@ def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys)
     assert log_full[-1]["train_loss"] < math.log(len(torch.load(full / "ckpt.pt", weights_only=True)["vocab"]["tgt"]))
     # interrupted at step 10 and resumed: the same losses and the same weights as the straight run
     assert log_part[-2]["val_loss"] == log_full[-2]["val_loss"] and log_part[-2]["step"] == 20
-    assert log_part[-1]["param_hash"] == log_full[-1]["param_hash"]
+    assert log_part[-1]["fingerprint"] == log_full[-1]["fingerprint"]
     assert 0 <= log_full[-1]["bleu"] <= 100 and log_full[-1]["roundtrip_bleu"] == pytest.approx(100.0)
 
     args = ["--preset", "tiny", "--cell=lstm_manual", f"--out_dir={full}"]
@@ -380,10 +461,12 @@ def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys)
     assert capsys.readouterr().out.startswith("i am cold. -> ")
     mod.main([*args, "--mode=attention", "--text=She is happy!"])
     assert os.path.getsize(full / "attention.png") > 1000
-    mod.main([*args, "--mode=bleu", f"--data_dir={corpus_dir}", "--beam_size=1"])
-    assert "test BLEU" in capsys.readouterr().out
+    # the checkpoint holds the final weights, which init_model hands to the other modes
+    assert mod.fingerprint(mod.init_model(mod.parse_args(args), "cpu")[0]) == log_full[-1]["fingerprint"]
+    mod.main([*args, "--mode=bleu", f"--data_dir={corpus_dir}"])
+    assert f"test BLEU {log_full[-1]['bleu']:.2f} (beam 2; round-trip ceiling 100.00)" in capsys.readouterr().out
     code, err = run_main(mod, capsys, *args, "--n_hidden=16", "--mode=translate", "--text=hi")
-    assert code == 1 and "another model config: n_hidden=32" in err
+    assert code == 1 and "another model config: n_hidden=32 (flags say 16)" in err
 
 
 @pytest.mark.slow
@@ -392,7 +475,7 @@ def test_ddp_two_ranks_identical_weights(corpus_dir, tmp_path):
     r = run_torchrun(NAME, "--preset", "tiny", f"--data_dir={corpus_dir}", f"--out_dir={tmp_path}",
                      "--max_iters=6", "--eval_interval=6", "--beam_size=1", "--dtype=bfloat16")  # + CPU autocast
     assert r.returncode == 0, r
-    hashes = read_log(tmp_path)[-1]["param_hashes"]
+    hashes = read_log(tmp_path)[-1]["fingerprints"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
 
 

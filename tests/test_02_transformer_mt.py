@@ -1,6 +1,7 @@
 """Tests for 02_transformer_mt.py: attention and multi-head attention against PyTorch, masks,
 position encodings, incremental decoding, BLEU against sacreBLEU's known answers, BPE, the batcher,
-a learning test, and the CLI (train, resume, translate, attention, sweep, DDP, bad input)."""
+a learning test, and the CLI (train, resume, translate, attention, sweep, DDP) and its bad input (flag
+values, foreign / truncated / unsafe checkpoints, a proxy's HTML page instead of a download, offline data)."""
 import gzip
 import hashlib
 import json
@@ -170,7 +171,8 @@ def test_corpus_bleu_hand_worked(mod):
     # exponential smoothing: p4 = 1 / (2 * 3);  brevity penalty exp(1 - 7/6)
     p = [5 / 6, 2 / 5, 1 / 4, 1 / 6]
     expected = 100 * math.exp(1 - 7 / 6) * math.exp(sum(map(math.log, p)) / 4)
-    assert mod.corpus_bleu(["the cat is on the mat"], ["there is a cat on the mat"]) == pytest.approx(expected, abs=1e-9)
+    bleu = mod.corpus_bleu(["the cat is on the mat"], ["there is a cat on the mat"])
+    assert bleu == pytest.approx(expected, abs=1e-9)
     assert expected == pytest.approx(29.0592540808, abs=1e-8)  # sacreBLEU 2.6.0 agrees
 
 
@@ -215,7 +217,7 @@ def test_bpe_learns_like_the_naive_algorithm_and_round_trips(mod):
         assert tok.decode(tok.encode(s)) == s
         assert all(mod.N_SPECIAL <= i < mod.N_SPECIAL + 256 + len(merges) for i in tok.encode(s))
     assert len(tok.encode(CORPUS[0])) < len(CORPUS[0].encode()) / 2  # merges compress seen text
-    with pytest.raises(mod.UserError):
+    with pytest.raises(ValueError, match="vocab_size must be at least 259"):
         mod.train_bpe(CORPUS, 100)
 
 
@@ -262,21 +264,21 @@ def test_learns_to_reverse_and_beam1_equals_greedy(mod):
     greedy = mod.greedy_decode(model, src, 10)
     exact = (greedy[:, :7] == tgt_out).all(1).float().mean().item()
     assert exact >= 0.95, f"reverse task exact match {exact:.2%} after 250 steps"
-    assert torch.equal(mod.beam_search(model, src, 10, beam=1), greedy)
-    beam = mod.beam_search(model, src, 10, beam=3)
+    assert torch.equal(mod.beam_search(model, src, 10, beam_size=1), greedy)
+    beam = mod.beam_search(model, src, 10, beam_size=3)
     assert (beam[:, :7] == tgt_out).all(1).float().mean().item() >= 0.95
 
 
 def test_learning_rate_schedule(mod):
     cfg = mod.Config(learning_rate=1e-3, warmup_iters=100)
-    assert mod.get_lr(50, cfg) == pytest.approx(5e-4)
-    assert mod.get_lr(100, cfg) == pytest.approx(1e-3)
-    assert mod.get_lr(400, cfg) == pytest.approx(5e-4)  # 1/sqrt(step) decay
+    assert mod.get_lr(cfg, 50) == pytest.approx(5e-4)
+    assert mod.get_lr(cfg, 100) == pytest.approx(1e-3)
+    assert mod.get_lr(cfg, 400) == pytest.approx(5e-4)  # 1/sqrt(step) decay
     # the paper's formula, d^-0.5 min(step^-0.5, step warmup^-1.5), is the same curve
     paper = lambda s: 512 ** -0.5 * min(s ** -0.5, s * 4000 ** -1.5)
     cfg = mod.Config(learning_rate=paper(4000), warmup_iters=4000)
     for s in (1, 1000, 4000, 20000):
-        assert mod.get_lr(s, cfg) == pytest.approx(paper(s))
+        assert mod.get_lr(cfg, s) == pytest.approx(paper(s))
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -302,14 +304,15 @@ def test_download_multi30k_from_local_server(mod, tmp_path, http_server, monkeyp
                 f.write("".join(f"{split} {lang} satz {i} ü\n" for i in range(n)))
     base = http_server(served)
     monkeypatch.setattr(mod, "MULTI30K_URL", base + "/{name}.gz")
-    monkeypatch.setattr(mod, "MULTI30K_SHA256", {"val.de": hashlib.sha256((served / "val.de.gz").read_bytes()).hexdigest()})
+    pinned = hashlib.sha256((served / "val.de.gz").read_bytes()).hexdigest()
+    monkeypatch.setattr(mod, "MULTI30K_SHA256", {"val.de": pinned})
     cfg = mod.Config(data_dir=str(tmp_path / "data"))
     corpus = mod.load_multi30k(cfg)
     assert corpus["train"][0][3] == "train de satz 3 ü" and len(corpus["test"][1]) == 2
     assert not list((tmp_path / "data" / "multi30k").glob("*.part"))
     monkeypatch.setattr(mod, "MULTI30K_SHA256", {"train.de": "0" * 64})  # a corrupt download is refused
     (tmp_path / "data" / "multi30k" / "train.de.gz").unlink()
-    with pytest.raises(mod.UserError, match="corrupt"):
+    with pytest.raises(mod.UserError, match="did not send the expected file .sha256"):
         mod.load_multi30k(cfg)
     assert not (tmp_path / "data" / "multi30k" / "train.de.gz").exists()
 
@@ -368,22 +371,79 @@ def test_cli_train_resume_translate_attention(mod, tmp_path, capsys):
 def test_sweep_writes_a_table(mod, tmp_path, capsys):
     tsv = write_tsv(tmp_path / "pairs.tsv", 120)
     mod.main(["--preset", "tiny", f"--dataset=tsv:{tsv}", f"--out_dir={tmp_path}", "--mode=sweep",
-              "--sweep_heads=1,2", "--sweep_d_model=16", "--max_iters=3", "--beam=1"])
-    rows = [l for l in (tmp_path / "sweep.md").read_text().splitlines() if re.match(r"\| \d", l)]
-    assert [r.split("|")[1:3] for r in rows] == [[" 1 ", " 16 "], [" 2 ", " 16 "]]
+              "--sweep_heads=1,2", "--sweep_d_model=16", "--max_iters=3", "--beam_size=1"])
+    rows = [[c.strip() for c in l.split("|")[1:-1]] for l in (tmp_path / "sweep.md").read_text().splitlines()
+            if re.match(r"\| \d", l)]
+    assert [r[:2] for r in rows] == [["1", "16"], ["2", "16"]]
+    n_params = sum(p.numel() for p in mod.Transformer(512, 16, 1, 1, 64).parameters())  # tiny: V 512, 1 layer
+    for n_head, _, params, val_loss, bleu, _ in rows:  # each row is its run's own log
+        log = read_log(tmp_path / f"h{n_head}_d16")
+        assert params == f"{n_params / 1e6:.2f}M" and val_loss == f"{log[-2]['val_loss']:.3f}"
+        assert bleu == f"{log[-1]['test_bleu']:.2f}" and log[-1]["beam_size"] == 1
 
 
 @pytest.mark.ddp
 def test_ddp_two_ranks_end_with_identical_weights(tmp_path):
     tsv = write_tsv(tmp_path / "pairs.tsv")
+    # gradient_accumulation_steps counts micro-batches over all ranks: 2 = one per rank and step
     r = run_torchrun(NAME, "--preset", "tiny", f"--dataset=tsv:{tsv}", f"--out_dir={tmp_path}", "--max_iters=6",
-                     "--beam=1")
+                     "--beam_size=1", "--gradient_accumulation_steps=2")
     assert r.returncode == 0, r
-    hashes = dict(re.findall(r"rank (\d): final weights sha256 ([0-9a-f]{16})", r.output))  # ranks interleave
-    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], r.output
+    prints = dict(re.findall(r"rank (\d): final weights fingerprint ([0-9a-f]{16})", r.output))  # ranks interleave
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], r.output
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["script"] == NAME and ckpt["stage"] == "train"
 
 
 # --- bad input ------------------------------------------------------------------------------------
+def error_lines(text):
+    return [line for line in text.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--block_size=0"], "--block_size must be > 0"),
+    (["--eval_interval=0"], "--eval_interval must be > 0"),
+    (["--learning_rate=-1"], "--learning_rate must be > 0"),
+    (["--max_tokens=0"], "--max_tokens must be > 0"),
+    (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be > 0"),
+    (["--warmup_iters=0"], "--warmup_iters must be > 0"),
+    (["--beam_size=0"], "--beam_size must be > 0"),
+    (["--dropout=1"], "--dropout must be in [0, 1)"),
+    (["--label_smoothing=nan"], "--label_smoothing must be in [0, 1)"),
+    (["--mode=nope"], "--mode must be one of train, translate"),
+    (["--pos=alibi"], "--pos must be one of sinusoidal"),
+    (["--src_lang=xx"], "--src_lang must be one of de, en, fr, cs"),
+    (["--dtype=float8"], "--dtype must be one of auto"),
+    (["--vocab_size=100"], "--vocab_size must be at least 259"),
+    (["--max_tokens=64"], "--max_tokens=64 must be at least --block_size=128"),
+    (["--d_model=30", "--n_head=4"], "--d_model=30 is not divisible by --n_head=4"),
+    (["--pos=rope", "--d_model=6", "--n_head=2"], "--pos=rope needs an even d_model / n_head"),
+    (["--d_model=33", "--n_head=1"], "--pos=sinusoidal needs an even d_model"),
+    (["--dataset=wmt14"], "--dataset must be multi30k or tsv:PATH"),
+    (["--mode=sweep", "--sweep_heads=1,x"], "--sweep_heads and --sweep_d_model must be comma-separated positive"),
+    (["--mode=sweep", "--sweep_heads=2,3", "--sweep_d_model=16"], "--sweep_d_model=16 is not divisible by --sweep_"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(mod, capsys, flags, named):
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--preset", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(error_lines(err)) == 1 and named in err, err
+
+
+def test_sweep_checks_its_own_grid_not_n_head(mod):
+    cfg = mod.parse_args(["--preset=tiny", "--mode=sweep", "--n_head=3", "--sweep_heads=1,2", "--sweep_d_model=16"])
+    assert mod.sweep_grid(cfg) == [(1, 16), (2, 16)]
+
+
+def test_help_explains_the_flags(mod, capsys):
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--preset=cpu" in out
+    assert re.search(r"--beam_size=4 +beam width \(1 = greedy\)", out)
+    assert re.search(r"--gradient_accumulation_steps=1 +micro-batches per optimizer step, over all ranks", out)
+
+
 def test_bad_input(mod, tmp_path, capsys, http_server, monkeypatch):
     with pytest.raises(SystemExit) as e:
         mod.parse_args(["--n_layers=3"])
@@ -394,14 +454,83 @@ def test_bad_input(mod, tmp_path, capsys, http_server, monkeypatch):
         mod.main(["--preset", "tiny", f"--dataset=tsv:{bad}", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and f"{bad}, line 2" in err and "Traceback" not in err
+    # no pair fits in the block: one line, not an endless search for a batch
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--preset", "tiny", f"--dataset=tsv:{write_tsv(tmp_path / 'ok.tsv')}", "--block_size=2",
+                  f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and error_lines(err) == [f"{NAME}.py: error: no sentence pair of the split fits in "
+                                                      "--block_size=2 tokens"]
+    # micro-batches that do not divide among the ranks
+    monkeypatch.setattr(mod, "setup_ddp", lambda: (0, 0, 2))
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--preset", "tiny", f"--dataset=tsv:{tmp_path / 'ok.tsv'}", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--gradient_accumulation_steps=1 counts micro-batches over all ranks" in err
+    monkeypatch.undo()
     # missing data offline: nothing in data_dir and the download server answers 404
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(mod, "MULTI30K_URL", http_server(empty) + "/{name}.gz")
+    base = http_server(empty)
+    monkeypatch.setattr(mod, "MULTI30K_URL", base + "/{name}.gz")
     with pytest.raises(SystemExit) as e:
         mod.main(["--preset", "tiny", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "could not download" in err and "train.de.gz" in err
+    path = tmp_path / "nodata" / "multi30k" / "train.de.gz"
+    assert e.value.code == 1 and len(error_lines(err)) == 1 and "could not download" in err
+    assert f"download it by hand from {base}/train.de.gz and save it as {path}" in err
     with pytest.raises(SystemExit) as e:
         mod.main(["--preset", "tiny", "--mode=translate", f"--out_dir={tmp_path / 'nothing'}"])
     assert e.value.code == 1 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_proxy_page_instead_of_a_gzip_file_is_refused(mod, tmp_path, capsys, http_server, monkeypatch):
+    """--src_lang=fr has no pinned checksum: a captive portal's HTML page, sent with status 200, must
+    not be kept as train.fr.gz (it would fail every later run with gzip.BadGzipFile)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "train.fr.gz").write_text("<!DOCTYPE html><html><body>Please log in</body></html>\n")
+    monkeypatch.setattr(mod, "MULTI30K_URL", http_server(served) + "/{name}.gz")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--preset", "tiny", "--src_lang=fr", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    url = mod.MULTI30K_URL.format(name="train.fr")
+    assert e.value.code == 1 and "Traceback" not in err
+    assert error_lines(err) == [line for line in err.splitlines() if url in line and "did not send the expected file"
+                                in line and "b'\\x1f\\x8b'" in line], err
+    assert list((tmp_path / "data" / "multi30k").iterdir()) == []  # neither the page nor a .part is left
+
+
+def test_foreign_truncated_and_unsafe_checkpoints_are_refused(mod, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    translate = ["--preset", "tiny", "--mode=translate", f"--out_dir={tmp_path}"]
+
+    def refused():
+        with pytest.raises(SystemExit) as e:
+            mod.main(translate)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(error_lines(err)) == 1 and "Traceback" not in err, err
+        return err
+
+    torch.save({"script": "03_gpt", "stage": "train", "model": {}, "config": {}}, ckpt)
+    assert f"{ckpt} is not a {NAME}.py train checkpoint (it is: 03_gpt train)" in refused()
+    torch.save({"script": NAME, "stage": "sweep", "model": {}, "config": {}}, ckpt)
+    assert "(it is: 02_transformer_mt sweep)" in refused()
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # truncated, as by a full disk
+    assert "is not a checkpoint this script can read" in refused()
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    import pickle
+    ckpt.write_bytes(pickle.dumps({"script": NAME, "model": Evil()}, protocol=2))
+    assert "is not a checkpoint this script can read" in refused()
+    assert not (tmp_path / "pwned").exists()  # weights_only: the pickle ran no code
+
+
+def test_a_missing_tsv_is_refused_at_run_time(mod, tmp_path, capsys):
+    """--dataset names a file the user makes: parse_args accepts the form, the run names the file."""
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--preset", "tiny", "--dataset=tsv:/no/such/file.tsv", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(error_lines(err)) == 1 and "tsv:/no/such/file.tsv: there is no such file" in err

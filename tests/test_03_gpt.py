@@ -1,8 +1,9 @@
-"""Tests for 03_gpt.py: attention, positions, KV cache, safetensors, int8, learning, CLI, DDP, data."""
+"""Tests for 03_gpt.py: attention, positions, KV cache, safetensors, int8, learning, CLI, DDP, data, bad input."""
 import dataclasses
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 
@@ -171,6 +172,14 @@ def test_safetensors_roundtrip(m, tmp_path):
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     assert torch.equal(back["tied.f32"], tensors["a.f32"])
+    # a header length larger than the file (an HTML page, a truncated file) is refused, not allocated
+    blob = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 1 << 60) + blob[8:])
+    with pytest.raises(ValueError, match="larger than the file"):
+        m.load_safetensors(str(tmp_path / "huge.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-5])  # the last tensor's bytes are cut off
+    with pytest.raises(ValueError, match="lies at bytes"):
+        m.load_safetensors(str(tmp_path / "cut.safetensors"))
 
 
 def test_from_pretrained_local_gpt2_layout(m, tmp_path):
@@ -224,10 +233,10 @@ def test_int8_quantization(m):
 # --- training -----------------------------------------------------------------------------------------
 def test_lr_schedule(m):
     cfg = m.Config(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
-    assert m.get_lr(0, cfg) == pytest.approx(1 / 11)
-    assert m.get_lr(10, cfg) == pytest.approx(1.0)
-    assert m.get_lr(60, cfg) == pytest.approx(0.55)  # half-way down the cosine
-    assert m.get_lr(110, cfg) == pytest.approx(0.1) and m.get_lr(500, cfg) == 0.1
+    assert m.get_lr(cfg, 0) == pytest.approx(1 / 11)
+    assert m.get_lr(cfg, 10) == pytest.approx(1.0)
+    assert m.get_lr(cfg, 60) == pytest.approx(0.55)  # half-way down the cosine
+    assert m.get_lr(cfg, 110) == pytest.approx(0.1) and m.get_lr(cfg, 500) == 0.1
 
 
 def test_newton_schulz_orthogonalizes(m):
@@ -301,7 +310,7 @@ def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
     assert "--- sample ---" in r.output and "MFU" in r.output
     ckpt = torch.load(part / "ckpt.pt", weights_only=True)
     assert {"model", "optimizer", "config", "step", "best_val", "rng", "model_args", "tokenizer"} <= set(ckpt)
-    assert ckpt["step"] == 10
+    assert (ckpt["script"], ckpt["stage"], ckpt["step"]) == ("03_gpt", "train", 10)
     assert ckpt["tokenizer"] == {"kind": "char", "chars": "".join(sorted(set(corpus.read_text())))}
     assert not any(k.startswith("_orig_mod") for k in ckpt["model"])
     assert ckpt["model_args"]["n_layer"] == 2 and "transformer.wpe.weight" in ckpt["model"]
@@ -334,8 +343,11 @@ def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
 def test_bench_and_extrapolate_with_alibi(m, tmp_path, corpus):
     args = ["--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--pos=alibi", "--max_iters=10",
             "--max_new_tokens=40"]
+    plain = m.main(args + ["--mode=bench"])
     b = m.main(args + ["--mode=bench", "--grad_ckpt=true"])
-    assert b["ms_per_step"] > 0 and b["gen_tokens_per_s_cached"] > 0 and b["activation_mb"] > 0
+    assert b["ms_per_step"] > 0 and b["gen_tokens_per_s_cached"] > 0
+    # checkpointing keeps each block's input instead of every intermediate tensor of the block
+    assert 0 < b["activation_mb"] < 0.5 * plain["activation_mb"], (b["activation_mb"], plain["activation_mb"])
     m.main(args)
     ex = m.main(args + ["--init_from=resume", "--mode=extrapolate"])
     assert all(ex[k] is not None and ex[k] < 5 for k in ("1x", "2x", "4x"))
@@ -362,7 +374,7 @@ def test_ddp_two_ranks_identical_weights(tmp_path, corpus):
     assert r.returncode == 0, r
     final = [rec for rec in read_log(tmp_path) if rec.get("final")]
     assert len(final) == 1  # rank 0 alone logs
-    digests = final[0]["weights_sha256_per_rank"]
+    digests = final[0]["fingerprints"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (tmp_path / "ckpt.pt").exists()
 
@@ -413,8 +425,9 @@ def test_download_and_prepare_corpora(m, tmp_path, http_server, monkeypatch, cap
     (served / "input.txt").write_text("hello shakespeare\n" * 50)
     url = http_server(served)
     monkeypatch.setattr(m, "gpt2_encoding", ByteEncoding)
-    monkeypatch.setitem(m.DATASETS, "owt10k", ("owt/owt.tar.xz", f"{url}/owt.tar.xz", None, "gpt2"))
-    monkeypatch.setitem(m.DATASETS, "tinystories", ("ts/stories.txt", f"{url}/stories.txt", None, "gpt2"))
+    xz = b"\xfd7zXZ\x00"
+    monkeypatch.setitem(m.DATASETS, "owt10k", ("owt/owt.tar.xz", f"{url}/owt.tar.xz", None, xz, "gpt2"))
+    monkeypatch.setitem(m.DATASETS, "tinystories", ("ts/stories.txt", f"{url}/stories.txt", None, None, "gpt2"))
     raw = tmp_path / "raw"
     for name, texts in (("owt10k", docs), ("tinystories", stories)):
         folder, meta = m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out"), dataset=name))
@@ -426,38 +439,128 @@ def test_download_and_prepare_corpora(m, tmp_path, http_server, monkeypatch, cap
         assert ids[-1] == m.GPT2_EOT and bytes(ids[: len(val[0])].tolist()).decode() == val[0]
     assert (raw / "owt" / "owt.tar.xz").exists() and not list(raw.rglob("*.part"))
     # a wrong checksum is refused and leaves nothing behind
-    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("tiny/input.txt", f"{url}/input.txt", "0" * 64, "char"))
-    with pytest.raises(m.UserError, match="arrived corrupt"):
+    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("tiny/input.txt", f"{url}/input.txt", "0" * 64, None, "char"))
+    with pytest.raises(m.UserError, match="did not send the expected file .sha256"):
         m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out")))
     assert not (raw / "tiny").exists() or not list((raw / "tiny").iterdir())
     # offline: nothing answers -> one clear message naming the URL, exit status 1
     closed = "http://127.0.0.1:9/input.txt"  # the discard port: nothing listens there
-    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("none/input.txt", closed, None, "char"))
+    monkeypatch.setitem(m.DATASETS, "shakespeare_char", ("none/input.txt", closed, None, None, "char"))
     with pytest.raises(SystemExit) as e:
         m.main(["--preset", "tiny", f"--data_dir={raw}", f"--out_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "could not download http://127.0.0.1:9/input.txt" in err and "by hand" in err
 
 
-def test_bad_input(m, tmp_path, capsys):
+def test_download_of_a_proxy_page_is_refused(m, tmp_path, http_server, monkeypatch):
+    """A captive portal answers every URL with an HTML page and status 200: the files without a pinned
+    checksum (owt10k's .tar.xz, TinyStories' text, GPT-2's weights) are refused, one line, nothing kept."""
+    served = tmp_path / "served"
+    for name in ("owt.tar.xz", "stories.txt", "gpt2/config.json", "gpt2/model.safetensors"):
+        (served / name).parent.mkdir(parents=True, exist_ok=True)
+        (served / name).write_text("<!DOCTYPE html><html><body>Please log in to the Wi-Fi</body></html>")
+    url = http_server(served)
+    monkeypatch.setitem(m.DATASETS, "owt10k", ("owt/owt.tar.xz", f"{url}/owt.tar.xz", None, b"\xfd7zXZ\x00", "gpt2"))
+    monkeypatch.setitem(m.DATASETS, "tinystories", ("ts/stories.txt", f"{url}/stories.txt", None, None, "gpt2"))
+    monkeypatch.setattr(m, "HF_URL", url + "/{name}/{file}")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for dataset, file, why in (("owt10k", "owt.tar.xz", r"it does not start with b'\xfd7zXZ\x00'"),
+                               ("tinystories", "stories.txt", "it is an HTML page")):
+        with pytest.raises(m.UserError, match=re.escape(f"{url}/{file} did not send the expected file ({why})")):
+            m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(out), dataset=dataset))
+    with pytest.raises(m.UserError, match=re.escape("gpt2/config.json did not send the expected file (it is an HTML")):
+        m.init_model(m.Config(data_dir=str(raw), out_dir=str(out), init_from="gpt2", mode="sample"), "cpu")
+    assert not [p for p in raw.rglob("*") if p.is_file()]  # nothing kept, so a rerun downloads again
+
+
+def test_foreign_truncated_and_unsafe_checkpoints(m, tmp_path, corpus):
+    """Each refused with one `error:` line and exit 1: another script's, another stage's, a truncated
+    file, a pickle that would run code; and a GPT-2 folder whose safetensors is not one."""
+    base = ["--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--init_from=resume"]
+    path = tmp_path / "ckpt.pt"
+    cases = {"04_bert": "is not a 03_gpt.py train checkpoint (it is: 04_bert pretrain)",
+             "stage": "is not a 03_gpt.py train checkpoint (it is: 03_gpt finetune)",
+             "cut": "is not a checkpoint this script can read", "pickle": "is not a checkpoint this script can read"}
+    for case, text in cases.items():
+        if case == "pickle":
+            import pickle
+            path.write_bytes(pickle.dumps(os.system))  # loading it with weights_only=False would call code
+        else:
+            torch.save({"script": "04_bert" if case == "04_bert" else "03_gpt",
+                        "stage": "pretrain" if case == "04_bert" else "finetune", "model": {}, "config": {}}, path)
+            if case == "cut":
+                path.write_bytes(path.read_bytes()[:40])
+        for mode in ("train", "sample"):
+            r = run_script("03_gpt", *base, f"--mode={mode}")
+            assert r.returncode == 1 and text in r.output and "Traceback" not in r.output, (case, mode, r)
+            assert len([line for line in r.output.splitlines() if "error:" in line]) == 1
+    gpt2 = tmp_path / "hf"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"vocab_size": 37, "n_layer": 1, "n_head": 2, "n_embd": 8}))
+    (gpt2 / "model.safetensors").write_bytes(b"<!DOCTYPE html><html>not weights</html>")
+    r = run_script("03_gpt", "--preset", "tiny", f"--out_dir={tmp_path}", f"--init_from={gpt2}", "--mode=sample")
+    assert r.returncode == 1 and "larger than the file" in r.output and "Traceback" not in r.output, r
+
+
+@pytest.mark.parametrize("flag,text", [
+    ("--batch_size=0", "--batch_size must be > 0, not 0"),
+    ("--block_size=0", "--block_size must be > 0, not 0"),
+    ("--num_samples=0", "--num_samples must be > 0, not 0"),
+    ("--temperature=-1", "--temperature must be >= 0, not -1.0"),
+    ("--eval_interval=0", "--eval_interval must be > 0, not 0"),
+    ("--learning_rate=-1", "--learning_rate must be > 0, not -1.0"),
+    ("--learning_rate=nan", "--learning_rate must be > 0, not nan"),
+    ("--max_new_tokens=0", "--max_new_tokens must be > 0, not 0"),
+    ("--dropout=1", "--dropout must be in [0, 1), not 1.0"),
+    ("--top_k=-1", "--top_k must be >= 0, not -1"),
+    ("--top_p=0", "--top_p must be in (0, 1], not 0.0"),
+    ("--n_head=5", "--n_embd 96 must split into --n_head 5 heads of even size"),
+    ("--min_lr=1", "--min_lr 1.0 must not exceed --learning_rate 0.004"),
+    ("--pos=sinusoid", "--pos must be one of learned, rope, alibi, not 'sinusoid'"),
+    ("--mode=dance", "--mode must be one of train, sample, eval, bench, extrapolate, landscape, not 'dance'"),
+    ("--quantize=int4", "--quantize must be one of none, int8, not 'int4'"),
+    ("--dtype=float8", "--dtype must be one of auto, float32, bfloat16, float16, not 'float8'"),
+    ("--dataset=wikipedia", "--dataset 'wikipedia' is neither one of shakespeare_char"),
+    ("--nope=1", "unknown flag --nope"),
+    ("--n_layer=two", "--n_layer expects int, got 'two'"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(m, flag, text, capsys):
+    """Refused before any work (the #16 cases: --batch_size=0 trained NaNs and exited 0, --num_samples=0
+    was an IndexError, --temperature=-1 sampled silently)."""
+    with pytest.raises(SystemExit) as e:
+        m.parse_args([flag])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {text}" in err, err
+
+
+def test_bad_input_at_run_time(m, tmp_path, capsys):
     out = f"--out_dir={tmp_path}"
-    for argv, code, text in ((["--nope=1"], 2, "unknown flag --nope"),
-                             (["--n_layer=two"], 2, "--n_layer expects int, got 'two'"),
-                             (["--preset", "huge"], 2, "unknown preset 'huge'"),
-                             (["--dataset=wikipedia", out], 1, "unknown dataset 'wikipedia'"),
-                             (["--mode=dance", out], 1, "--mode must be one of"),
-                             (["--mode=sample", out, "--init_from=resume"], 1, "no checkpoint at")):
+    for argv, code, text in ((["--preset", "huge"], 2, "unknown preset 'huge'"),
+                             (["--mode=sample", out, "--init_from=resume"], 1, "no checkpoint at"),
+                             (["--mode=sample", out], 1, "--mode sample needs a trained model"),
+                             (["--device=nope", out], 1, "--device nope is not available here"),
+                             (["--dataset=missing.txt", out], 1, "--dataset missing.txt: there is no such file"),
+                             (["--mode=sample", "--init_from=gpt3", out], 1,
+                              "--init_from 'gpt3' is neither scratch, resume, gpt2")):
         with pytest.raises(SystemExit) as e:
             m.main(argv)
         assert e.value.code == code, argv
         assert text in capsys.readouterr().err, argv
 
 
+def test_help_describes_every_flag(m, capsys):
+    with pytest.raises(SystemExit) as e:
+        m.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--preset tiny|cpu|nanogpt_cpu|gpu" in out
+    assert "--pos=learned" in out and "learned | rope | alibi: how attention knows token order" in out
+    assert "--temperature=0.8" in out and "0 = greedy" in out
+
+
 def test_config_presets_are_valid(m):
-    for name, overrides in m.PRESETS.items():
-        cfg = m.Config(**overrides)
-        gcfg = m.model_config(cfg, 65)
-        assert dataclasses.asdict(gcfg)["n_layer"] == cfg.n_layer, name
+    for name in m.PRESETS:
+        cfg = m.parse_args(["--preset", name])  # RULES and check_config accept every preset
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.min_lr <= cfg.learning_rate, name
     nano = m.Config(**m.PRESETS["nanogpt_cpu"])
     assert (nano.n_layer, nano.n_head, nano.n_embd, nano.block_size, nano.batch_size, nano.max_iters,
             nano.lr_decay_iters, nano.dropout, nano.eval_iters) == (4, 4, 128, 64, 12, 2000, 2000, 0.0, 20)

@@ -139,13 +139,28 @@ def test_one_sentence_documents_are_mlm_only(m):
     not_next = [p[0] for p in pairs if p[2] == 1]
     assert not_next and all(ids[ids.index(tok.sep_id) + 1] >= 20 for ids in not_next)  # B from a long document
     torch.manual_seed(0)
-    model = m.BERT(len(tok.itos), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    model = m.BERT(len(tok.itos), n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.0)
     cfg = m.Config(mlm_prob=0.5)
     loss, stats = m.pretrain_loss(model, m.collate(singles, tok.pad_id), tok, cfg, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and "nsp_loss" not in stats and model.nsp.weight.grad is not None
-    _, stats = m.pretrain_loss(model, m.collate(pairs, tok.pad_id), tok, cfg, torch.Generator().manual_seed(0))
-    assert 0 <= stats["nsp_acc"] <= 1 and math.isfinite(stats["nsp_loss"])
+    batch = m.collate(pairs, tok.pad_id)
+    loss, stats = m.pretrain_loss(model, batch, tok, cfg, torch.Generator().manual_seed(0))
+    # by hand: the same masked inputs, then -log softmax(NSP logits)[label], averaged over labelled pairs only
+    idx, seg, attn_mask, nsp_labels = batch
+    special = torch.isin(idx, torch.tensor(tok.special_ids))
+    inputs, labels = m.mask_tokens(idx, special, 0.5, tok.mask_id, tok.random_ids, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, nsp_logits, _ = model(inputs, seg, attn_mask)
+    terms, correct = [], 0
+    for z, y in zip(nsp_logits.tolist(), nsp_labels.tolist()):
+        if y != -100:
+            terms.append(math.log(math.exp(z[0]) + math.exp(z[1])) - z[y])
+            correct += max(range(2), key=lambda k: z[k]) == y
+    assert len(terms) == 8 and stats["nsp_pairs"] == 8
+    assert stats["nsp_loss"] == pytest.approx(sum(terms) / 8, rel=1e-5)
+    assert stats["nsp_acc"] == pytest.approx(correct / 8)
+    assert loss.item() == pytest.approx(stats["mlm_loss"] + stats["nsp_loss"], rel=1e-5)
 
 
 def test_evaluate_weights_each_statistic_by_what_it_counts(m):
@@ -172,7 +187,7 @@ def test_corpus_sst2_and_joined_sources(m, tmp_path):
     cfg = m.Config(data_dir=str(tmp_path), corpus="sst2")
     train, val, note = m.load_corpus(cfg)
     assert len(train) == 95 and len(val) == 5 and all(len(d) == 1 for d in train + val) and "sst2" in note
-    assert [d[0] for d in train + val] == [t for t, _ in m.read_sst2(cfg)["train"]]  # train text, in order
+    assert [d[0] for d in train + val] == [t for t, _ in m.read_sst2(cfg.data_dir)["train"]]  # train text, in order
     t2, v2, note2 = m.load_corpus(m.Config(data_dir=str(tmp_path), corpus=f"{corpus}+sst2"))
     t1, v1, _ = m.load_corpus(m.Config(data_dir=str(tmp_path), corpus=str(corpus)))
     assert t2 == t1 + train and v2 == v1 + val and note2.endswith(note)
@@ -270,7 +285,7 @@ def test_from_pretrained_hf_layout(m, tmp_path, http_server, monkeypatch):
     (hub / "vocab.txt").write_text("\n".join(m.SPECIALS + [f"w{i}" for i in range(35)]) + "\n")
     base = http_server(tmp_path / "hub")
     monkeypatch.setattr(m, "HF_URL", base + "/{name}/resolve/main/{file}")
-    model = m.BERT.from_pretrained("tiny-bert", cache_dir=str(tmp_path / "cache")).eval()
+    model = m.bert_from_pretrained("tiny-bert", cache_dir=str(tmp_path / "cache")).eval()
     assert (tmp_path / "cache" / "tiny-bert" / "model.safetensors").exists()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
@@ -375,45 +390,164 @@ def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
 def test_ddp_two_ranks_identical_weights(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     r = run_torchrun(NAME, "--preset", "tiny", f"--corpus={corpus}", f"--out_dir={tmp_path}", "--max_iters=6",
-                     "--eval_interval=6", "--log_interval=3")
+                     "--eval_interval=6", "--log_interval=3", "--gradient_accumulation_steps=2")
     assert r.returncode == 0, r
     prints = dict(re.findall(r"rank (\d): weights fingerprint ([0-9a-f]{16})\b", r.output))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], r
     assert (tmp_path / "pretrain.pt").exists()
 
 
-def test_bad_input(m, tmp_path, capsys, monkeypatch):
-    def fails(argv, code, pattern):
-        with pytest.raises(SystemExit) as e:
-            m.main(argv)
-        err = capsys.readouterr().err
-        assert e.value.code == code and re.search(pattern, err), err
-        assert "Traceback" not in err
+def fails(m, capsys, argv, code, pattern):
+    """main(argv) exits with `code` and one `error:` line matching `pattern`, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        m.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and re.search(pattern, err), err
+    assert "Traceback" not in err and err.count("error:") == 1, err
 
-    fails(["--no_such_flag=1"], 2, "unknown flag --no_such_flag")
-    fails(["--n_layer=two"], 2, "--n_layer expects int")
-    fails(["--mode=finetune", "--task=mnli", f"--out_dir={tmp_path}"], 1, "unknown --task 'mnli'")
-    fails(["--mode=sing", f"--out_dir={tmp_path}"], 1, "--mode must be one of")
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--no_such_flag=1"], "unknown flag --no_such_flag"),
+    (["--n_layer=two"], "--n_layer expects int"),
+    (["--mode=sing"], "--mode must be one of pretrain, finetune, distill"),
+    (["--mode=finetune", "--task=mnli"], "--task must be one of sst2, not 'mnli'"),
+    (["--n_head=3"], r"--n_embd \(128\) must be a multiple of --n_head \(3\)"),
+    (["--batch_size=0"], "--batch_size must be > 0"),
+    (["--max_len=4"], r"--max_len must be between 8 and --block_size \(512\)"),
+    (["--max_len=1000"], r"--max_len must be between 8 and --block_size \(512\)"),
+    (["--mlm_prob=0"], "--mlm_prob must be > 0"),
+    (["--mlm_prob=1.5"], "--mlm_prob must be at most 1"),
+    (["--alpha=2"], "--alpha must be at most 1"),
+    (["--temperature=0"], "--temperature must be > 0"),
+    (["--dropout=1"], r"--dropout must be in \[0, 1\)"),
+    (["--min_lr=0.1"], r"--min_lr \(0.1\) must not exceed --learning_rate"),
+    (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be > 0"),
+    (["--dtype=float8"], "--dtype must be one of"),
+    (["--corpus=wikitext2+"], "--corpus must be wikitext2, wikitext103, sst2 or a text file .*'wikitext2\\+'"),
+    (["--mode=distill", "--init_from=x.pt"], "--init_from must be scratch or resume with --mode distill"),
+])
+def test_bad_flags_exit_2(m, capsys, tmp_path, argv, pattern):
+    fails(m, capsys, argv + [f"--out_dir={tmp_path}"], 2, pattern)
+    assert not list(tmp_path.iterdir()), "a refused flag must not start any work"
+
+
+def test_help_names_presets_and_flags(m, capsys):
+    with pytest.raises(SystemExit) as e:
+        m.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "[--preset tiny|cpu|gpu]" in out
+    assert re.search(r"--init_from=scratch +scratch \| resume \| our pretrain \.pt", out), out
+    assert re.search(r"--gradient_accumulation_steps=1 +micro-batches per optimizer step, over all ranks", out)
+
+
+def test_bad_input(m, tmp_path, capsys, monkeypatch):
     bad_vocab = tmp_path / "vocab.txt"
     bad_vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
-    fails(["--preset=tiny", f"--vocab={bad_vocab}", f"--out_dir={tmp_path}"], 1, r"lacks \[MASK\]")
-    # offline: nothing in data_dir and the download URLs unreachable (a closed local port)
-    monkeypatch.setattr(m, "WIKITEXT_URL", "http://127.0.0.1:9/{name}.zip")
+    fails(m, capsys, ["--preset=tiny", f"--vocab={bad_vocab}", f"--out_dir={tmp_path}"], 1, r"lacks \[MASK\]")
+    fails(m, capsys, ["--preset=tiny", "--corpus=nope.txt", f"--out_dir={tmp_path / 'o0'}"], 1,
+          "--corpus nope.txt: neither wikitext2, wikitext103, sst2 nor an existing text file")
+    # offline: nothing in data_dir and the download URLs unreachable (a closed local port). The one message
+    # names every file the run needs, the archive that holds them and where to save it.
+    monkeypatch.setattr(m, "WIKITEXT_URL", "http://127.0.0.1:9/{name}-raw-v1.zip")
     monkeypatch.setattr(m, "SST2_URL", "http://127.0.0.1:9/SST-2.zip")
     empty = tmp_path / "empty"
-    fails(["--preset=tiny", f"--data_dir={empty}", f"--out_dir={tmp_path / 'o1'}"], 1,
-          r"wiki\.train\.raw is missing and could not be fetched: could not download http://127\.0\.0\.1:9")
-    fails(["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
-           f"--out_dir={tmp_path / 'o2'}"], 1, "no vocabulary file")
+    folder = empty / "wikitext-2" / "wikitext-2-raw"
+    offline = (r"wikitext-2-raw needs wiki\.train\.raw, wiki\.valid\.raw, wiki\.test\.raw: could not download "
+               r"http://127\.0\.0\.1:9/wikitext-2-raw-v1\.zip .*offline, download it by hand from "
+               r"http://127\.0\.0\.1:9/wikitext-2-raw-v1\.zip and save it as "
+               r"\S*empty/wikitext-2/wikitext-2-raw-v1\.zip")
+    fails(m, capsys, ["--preset=tiny", f"--data_dir={empty}", f"--out_dir={tmp_path / 'o1'}"], 1, offline)
+    folder.mkdir(parents=True)
+    (folder / "wiki.train.raw").write_text(" = A = \n a b . c d .\n")  # one file placed: the same message
+    fails(m, capsys, ["--preset=tiny", f"--data_dir={empty}", f"--out_dir={tmp_path / 'o1'}"], 1, offline)
+    # only valid + test there (an offline copy of the small splits): the announced fallback, which says why
+    (folder / "wiki.train.raw").unlink()
+    for split in ("valid", "test"):
+        (folder / f"wiki.{split}.raw").write_text("".join(f" = T{i} = \n a b . c d .\n" for i in range(10)))
+    train, val, note = m.load_corpus(m.Config(data_dir=str(empty)))
+    assert len(train) == 18 and len(val) == 2 and note.startswith("FALLBACK, not the standard split"), note
+    assert "wikitext-2-raw-v1.zip" in note and "every 10th article (2) held out" in note
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
+                      f"--out_dir={tmp_path / 'o2'}"], 1, "no vocabulary file")
     (tmp_path / "ok.txt").write_text("\n".join(m.SPECIALS + list("abcdefghijklmnopqrstuvwxyz")) + "\n")
-    fails(["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
-           f"--out_dir={tmp_path / 'o2'}"], 1, r"could not download http://127\.0\.0\.1:9/SST-2\.zip")
-    # a checkpoint of another config
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'ok.txt'}", f"--data_dir={empty}",
+                      f"--out_dir={tmp_path / 'o2'}"], 1,
+          r"sst2 needs train\.tsv, dev\.tsv: could not download http://127\.0\.0\.1:9/SST-2\.zip .*save it as "
+          r"\S*empty/sst2/SST-2\.zip")
+    # checkpoints: another config, another stage, another script, a pickle that would run code
+    c = tmp_path / "c"
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=8)
-    m.main(["--preset=tiny", f"--corpus={corpus}", f"--out_dir={tmp_path / 'c'}", "--max_iters=2", "--eval_interval=2"])
-    fails(["--preset=tiny", f"--corpus={corpus}", f"--out_dir={tmp_path / 'c'}", "--init_from=resume", "--n_embd=64"],
+    m.main(["--preset=tiny", f"--corpus={corpus}", f"--out_dir={c}", "--max_iters=2", "--eval_interval=2"])
+    fails(m, capsys, ["--preset=tiny", f"--corpus={corpus}", f"--out_dir={c}", "--init_from=resume", "--n_embd=64"],
           1, "trained with another model config: n_embd=32")
-    fails(["--preset=tiny", "--mode=distill", f"--out_dir={tmp_path / 'c'}"], 1, "no checkpoint at .*finetune.pt")
+    fails(m, capsys, ["--preset=tiny", "--mode=distill", f"--out_dir={c}"], 1, "no checkpoint at .*finetune.pt")
+    fails(m, capsys, ["--preset=tiny", "--mode=distill", f"--out_dir={c}", f"--teacher={c / 'pretrain.pt'}"], 1,
+          r"pretrain\.pt is not a 04_bert\.py finetune checkpoint \(it is: 04_bert pretrain\)")
+    (c / "finetune.pt").write_bytes((c / "pretrain.pt").read_bytes())
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--out_dir={c}", "--init_from=resume"], 1,
+          r"finetune\.pt is not a 04_bert\.py finetune checkpoint \(it is: 04_bert pretrain\)")
+    ckpt = torch.load(c / "pretrain.pt", weights_only=True)
+    torch.save({**ckpt, "script": "03_gpt", "stage": "train"}, tmp_path / "gpt.pt")
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--out_dir={c}", f"--init_from={tmp_path / 'gpt.pt'}"], 1,
+          r"gpt\.pt is not a 04_bert\.py pretrain checkpoint \(it is: 03_gpt train\)")
+    torch.save({**ckpt, "stage": "finetune"}, tmp_path / "ft.pt")  # fine-tuning starts from a pretrained model
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--out_dir={c}", f"--init_from={tmp_path / 'ft.pt'}"], 1,
+          r"ft\.pt is not a 04_bert\.py pretrain checkpoint \(it is: 04_bert finetune\)")
+    flag = tmp_path / "pwned"
+    torch.save(Evil(str(flag)), c / "pretrain.pt")
+    fails(m, capsys, ["--preset=tiny", f"--corpus={corpus}", f"--out_dir={c}", "--init_from=resume"], 1,
+          r"pretrain\.pt is not a checkpoint this script can read \(UnpicklingError\)")
+    assert not flag.exists(), "loading a checkpoint ran code"
+    # gradient_accumulation_steps counts micro-batches over all ranks: it must split evenly
+    monkeypatch.setattr(m, "setup_ddp", lambda: (0, 0, 2))
+    fails(m, capsys, ["--preset=tiny", f"--out_dir={c}", "--gradient_accumulation_steps=3"], 1,
+          r"--gradient_accumulation_steps 3 must be a multiple of the number of ranks \(2\)")
+
+
+class Evil:
+    """A pickle that would create a file when unpickled (weights_only=True must refuse it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_downloads_refuse_wrong_content(m, tmp_path, http_server, monkeypatch, capsys):
+    """A proxy's HTML page with status 200 in place of a file is refused and deleted, naming the URL."""
+    site = tmp_path / "site"
+    hub = site / "tiny-bert" / "resolve" / "main"
+    hub.mkdir(parents=True)
+    page = "<!DOCTYPE html><html><body>Sign in to the network</body></html>"
+    for name in ("config.json", "vocab.txt", "model.safetensors", "SST-2.zip", "wikitext-2-raw-v1.zip"):
+        (hub / name).write_text(page)
+        (site / name).write_text(page)
+    base = http_server(site)
+    monkeypatch.setattr(m, "HF_URL", base + "/{name}/resolve/main/{file}")
+    monkeypatch.setattr(m, "SST2_URL", base + "/SST-2.zip")
+    monkeypatch.setattr(m, "WIKITEXT_URL", base + "/{name}-raw-v1.zip")
+    data = tmp_path / "data"
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", "--init_from=tiny-bert", f"--data_dir={data}",
+                      f"--out_dir={tmp_path / 'o'}"], 1,
+          r"/tiny-bert/resolve/main/config\.json did not send the expected file \(it is an HTML page\)")
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'v.txt'}", f"--data_dir={data}",
+                      f"--out_dir={tmp_path / 'o'}"], 1, "no vocabulary file")
+    (tmp_path / "v.txt").write_text("\n".join(m.SPECIALS + list("abc")) + "\n")
+    fails(m, capsys, ["--preset=tiny", "--mode=finetune", f"--vocab={tmp_path / 'v.txt'}", f"--data_dir={data}",
+                      f"--out_dir={tmp_path / 'o'}"], 1, r"SST-2\.zip did not send the expected file \(it does not "
+                                                        r"start with b'PK\\x03\\x04'\)")
+    fails(m, capsys, ["--preset=tiny", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}"], 1,
+          r"wikitext-2-raw-v1\.zip did not send the expected file")
+    assert [p for p in data.rglob("*") if p.is_file()] == [], "a refused download left a file behind"
+    # a safetensors header that claims more bytes than the file has: an error, not a huge allocation
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 1 << 40) + b'{"a": 1}')
+    with pytest.raises(m.UserError, match=r"not a safetensors file \(a header of 1099511627776 bytes in a file of"):
+        m.load_safetensors(bad)
+    bad.write_bytes(b"\x01")
+    with pytest.raises(m.UserError, match="not a safetensors file"):
+        m.load_safetensors(bad)
 
 
 # --- data: downloads (local server) and the real files --------------------------------------------
@@ -434,7 +568,7 @@ def test_downloads_from_local_server(m, tmp_path, http_server, monkeypatch):
     train, val, note = m.load_corpus(cfg)
     assert "FALLBACK" not in note and len(train) == 3 and len(val) == 3
     assert train[0] == ["Alpha is a letter .", "It comes first .", "Used a lot ."]
-    sst = m.read_sst2(cfg)
+    sst = m.read_sst2(cfg.data_dir)
     assert sst["train"] == [("it 's good .", 1), ("bad", 0)]
     assert (tmp_path / "data" / "sst2" / "dev.tsv").exists()
     assert not list((tmp_path / "data").rglob("*.part"))
@@ -454,7 +588,7 @@ def test_real_data_prepare(m, data_dir, monkeypatch):
     assert not any("@-@" in s or s.startswith("=") for d in train for s in d)
     sentences = [s for d in train[:10] for s in d]
     assert len(sentences) > 200 and sum(s.endswith((" .", " ?", " !")) for s in sentences) > 0.9 * len(sentences)
-    sst = m.read_sst2(cfg)
+    sst = m.read_sst2(cfg.data_dir)
     assert len(sst["train"]) == 67349 and len(sst["dev"]) == 872
     assert sum(y for _, y in sst["dev"]) == 444 and sst["train"][0] == ("hide new secretions from the parental units", 0)
     tok = m.BertTokenizer(m.train_wordpiece(sentences, 500))

@@ -1,6 +1,7 @@
 """Tests for 05_flash_attn.py: tiled attention == naive attention (values and gradients), online
-softmax, block skipping, the Triton kernel under TRITON_INTERPRET=1, the memory measurement, the IO
-formulas, training with naive vs tiled attention, the CLI, DDP, downloads and bad input."""
+softmax, block skipping, the Triton kernel under TRITON_INTERPRET=1, the memory measurement (what
+autograd saves: linear in N for the tiled version, quadratic for the naive one), the IO formulas,
+training with naive vs tiled attention, the CLI, DDP, downloads, checkpoints and bad input."""
 import dataclasses
 import hashlib
 import json
@@ -122,7 +123,8 @@ def test_flash_equals_naive(fa, n_q, n_k, d, causal, window, use_layout, bq, bk)
     layout = _layout(n_q, n_k, bq, bk, seed=n_q) if use_layout else None
     mask = fa.attention_mask(n_q, n_k, causal, window, layout, bq, bk)
     ref = attention_and_grads(lambda q, k, v: fa.naive_attention(q, k, v, mask=mask), q, k, v, do)
-    got = attention_and_grads(lambda q, k, v: fa.flash_attention(q, k, v, causal, bq, bk, window, layout), q, k, v, do)
+    got = attention_and_grads(lambda q, k, v: fa.flash_attention(q, k, v, causal, bq, bk, window, layout),
+                              q, k, v, do)
     for name, a, b in zip(("O", "dQ", "dK", "dV"), got, ref):
         assert rel(a, b) <= 1e-5, name
 
@@ -224,15 +226,20 @@ def test_triton_rejects_bad_blocks(triton_errors):
 
 
 # --- measurements ---------------------------------------------------------------------------------------
-def test_peak_memory_counts_transients(fa):
-    kept = []
-
-    def fn():
-        a = torch.ones(256 * 1024)  # 1 MiB, kept
-        b = torch.ones(512 * 1024)  # 2 MiB, freed again
-        kept.append(a + b[: a.numel()])  # 1 MiB more, kept
-    peak = fa.peak_memory_bytes(fn, "cpu")
-    assert 4 * 2**20 <= peak < 4 * 2**20 + 65536
+@pytest.mark.parametrize("causal", [False, True])
+def test_saved_bytes_linear_for_tiled_quadratic_for_naive(fa, causal):
+    """Exact byte counts: naive attention keeps P (B H N^2 float32, plus the N^2 boolean causal
+    mask); the tiled version keeps O and L (B H N (d + 1) float32), whatever the tile size."""
+    B, H, d = 2, 3, 16
+    for n in (64, 128):
+        q, k, v = (torch.randn(B, H, n, d, requires_grad=True) for _ in range(3))
+        naive = fa.saved_bytes(lambda q, k, v: fa.naive_attention(q, k, v, causal=causal), q, k, v)
+        assert naive == B * H * n * n * 4 + (n * n if causal else 0)
+        for bq, bk in ((16, 16), (32, 8)):
+            tiled = fa.saved_bytes(lambda q, k, v: fa.flash_attention(q, k, v, causal, bq, bk), q, k, v)
+            assert tiled == B * H * n * (d + 1) * 4
+    with torch.no_grad():  # nothing is saved without autograd
+        assert fa.saved_bytes(lambda q, k, v: fa.naive_attention(q, k, v), q, k, v) == 0
 
 
 def test_flops_and_io_formulas(fa, tmp_path, capsys):
@@ -251,11 +258,13 @@ def test_bench_writes_tables(fa, tmp_path):
     result = fa.bench(cfg)
     by_impl = {r["impl"]: r for r in result["rows"]}
     assert {"naive", "flash", "sdpa"} <= set(by_impl)
-    assert by_impl["flash"]["fwd_bwd_peak_mib"] < by_impl["naive"]["fwd_bwd_peak_mib"] / 2
+    assert by_impl["naive"]["saved_mib"] * 2**20 == 256 * 256 * 4 + 256 * 256  # P and the causal mask
+    assert by_impl["flash"]["saved_mib"] * 2**20 == 256 * (32 + 1) * 4  # O and L
+    assert "fwd_bwd_peak_mib" not in by_impl["flash"]  # the CUDA allocator's peak: on a GPU only
     acc = {(a["impl"], a["dtype"]): a for a in result["accuracy"]}
     assert acc[("flash", "float32")]["dQ"] < 1e-5 and acc[("flash", "bfloat16")]["O"] < 2e-2
     text = (tmp_path / "out" / "bench.md").read_text()
-    assert "fwd+bwd peak MiB" in text and "| flash | float32 |" in text
+    assert "saved for bwd MiB" in text and "| flash | float32 |" in text
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
 
 
@@ -295,7 +304,8 @@ def test_cli_train_and_resume(fa, tmp_path, capsys):
 def test_ddp_two_ranks_identical_weights(tmp_path):
     make_text(tmp_path / "data")
     r = run_torchrun(NAME, "--mode=train", "--preset=tiny", f"--out_dir={tmp_path / 'out'}",
-                     f"--data_dir={tmp_path / 'data'}", "--max_iters=6", "--eval_interval=3", "--attn_impls=flash")
+                     f"--data_dir={tmp_path / 'data'}", "--max_iters=6", "--eval_interval=3", "--attn_impls=flash",
+                     "--gradient_accumulation_steps=2")  # over all ranks: one micro-step each
     assert r.returncode == 0, r
     lines = [line for line in r.output.splitlines() if "weights sha256 per rank:" in line]
     assert len(lines) == 1, r
@@ -323,7 +333,7 @@ def test_download_from_local_server(fa, tmp_path, http_server, monkeypatch):
     monkeypatch.setattr(fa, "DATA_URL", http_server(served) + "/input.txt")
     monkeypatch.setattr(fa, "DATA_SHA256", "0" * 64)
     cfg = tiny_cfg(fa, tmp_path)
-    with pytest.raises(fa.UserError, match="arrived corrupt"):
+    with pytest.raises(fa.UserError, match="did not send the expected file"):
         fa.prepare_data(cfg)
     target = tmp_path / "data" / "tinyshakespeare" / "input.txt"
     assert not target.exists() and not (target.parent / "input.txt.part").exists()
@@ -338,7 +348,8 @@ def test_missing_data_offline(fa, tmp_path, monkeypatch, capsys):
         port = s.getsockname()[1]
     monkeypatch.setattr(fa, "DATA_URL", f"http://127.0.0.1:{port}/input.txt")
     with pytest.raises(SystemExit) as e:
-        fa.main(["--mode=train", "--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'empty'}"])
+        fa.main(["--mode=train", "--preset=tiny", f"--out_dir={tmp_path / 'out'}",
+                 f"--data_dir={tmp_path / 'empty'}"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and f"could not download http://127.0.0.1:{port}/input.txt" in err
     assert "save it as" in err and "Traceback" not in err
@@ -347,20 +358,82 @@ def test_missing_data_offline(fa, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args,code,message", [
     (["--bogus=1"], 2, "unknown flag --bogus"),
     (["--block_q=x"], 2, "--block_q expects int"),
-    (["--mode=nope"], 1, "--mode must be bench, io or train"),
-    (["--mode=train", "--n_embd=30", "--n_head=4"], 1, "not divisible by --n_head=4"),
-    (["--mode=train", "--attn_impls=naive,triton", "--block_q=48"], 1, "powers of two"),
-    (["--mode=train", "--attn_impls=naive,fast"], 1, "unknown attention implementation 'fast'"),
-    (["--mode=train", "--attn_impls=naive,sdpa", "--window=8"], 1, "--window works with the naive and flash"),
-    (["--mode=io", "--bench_sizes=1,x"], 1, "--bench_sizes must be a comma-separated list"),
+    (["--mode=nope"], 2, "--mode must be one of bench, io, train"),
+    (["--init_from=ckpt.pt"], 2, "--init_from must be one of scratch, resume"),
+    (["--block_size=0"], 2, "--block_size must be > 0"),  # was: exit 0 after a run of NaN losses
+    (["--batch_size=0"], 2, "--batch_size must be > 0"),  # was: stack expects a non-empty TensorList
+    (["--eval_interval=0"], 2, "--eval_interval must be > 0"),  # was: ZeroDivisionError
+    (["--learning_rate=-1"], 2, "--learning_rate must be > 0"),
+    (["--block_q=0"], 2, "--block_q must be > 0"),
+    (["--window=-1"], 2, "--window must be >= 0"),
+    (["--bench_repeats=0"], 2, "--bench_repeats must be > 0"),
+    (["--min_lr=0.1"], 2, "--min_lr=0.1 is above --learning_rate=0.001"),
+    (["--n_embd=30", "--n_head=4"], 2, "not divisible by --n_head=4"),
+    (["--mode=train", "--attn_impls=naive,triton", "--block_q=48"], 2, "powers of two"),
+    (["--attn_impls=naive,fast"], 2, "unknown attention implementation 'fast'"),
+    (["--attn_impls=naive,sdpa", "--window=8"], 2, "--window works with the naive and flash"),
+    (["--mode=io", "--bench_sizes=1,x"], 2, "--bench_sizes must be a comma-separated list"),
+    (["--mode=io", "--bench_sizes=64,0"], 2, "--bench_sizes must be a comma-separated list"),
     (["--mode=train", "--init_from=resume"], 1, "no checkpoint at"),
+    (["--mode=train", "--block_size=1000000"], 1, "--block_size=1000000 is longer than the"),
 ])
 def test_bad_input(fa, tmp_path, capsys, args, code, message):
     make_text(tmp_path / "data")
     with pytest.raises(SystemExit) as e:
         fa.main(["--preset=tiny", f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *args])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert e.value.code == code and message in err, err
+    assert err.count("error:") == 1 and "Traceback" not in out + err
+
+
+def test_gradient_accumulation_counts_all_ranks(fa, tmp_path, capsys, monkeypatch):
+    """As nanoGPT: each of W ranks does gradient_accumulation_steps / W micro-steps; a count that
+    does not divide is refused before any process group or data is set up."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        fa.main(["--mode=train", "--preset=tiny", "--gradient_accumulation_steps=3", f"--out_dir={tmp_path / 'out'}",
+                 f"--data_dir={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--gradient_accumulation_steps=3 counts micro-steps over all ranks" in err
+
+
+def test_help_names_every_flag_with_its_meaning(fa, capsys):
+    with pytest.raises(SystemExit) as e:
+        fa.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--preset=cpu" in out
+    assert "--attn_impls=naive,flash" in out and "implementations trained one after the other" in out
+    assert "over all ranks" in out and "--block_q=64" in out and "B_r: query rows per tile" in out
+
+
+def test_foreign_truncated_and_unsafe_checkpoints_are_refused(fa, tmp_path, capsys):
+    """Each refused with one line, before anything loads: another script's checkpoint (03's, which
+    used to fail with Missing key(s) "wte.weight"), a truncated file and a pickle that runs code."""
+    make_text(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "ckpt_flash.pt"
+    args = ["--mode=train", "--preset=tiny", "--attn_impls=flash", "--init_from=resume", f"--out_dir={out}",
+            f"--data_dir={tmp_path / 'data'}"]
+    torch.save({"script": "03_gpt", "stage": "train", "model": {"wte.weight": torch.zeros(2, 2)},
+                "config": {"n_layer": 1}, "step": 0}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        fa.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "is not a 05_flash_attn.py" in err and "it is: 03_gpt train" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    torch.save({"script": "05_flash_attn"}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:40])  # truncated
+    with pytest.raises(fa.UserError, match="is not a checkpoint this script can read"):
+        fa.load_checkpoint(str(ckpt))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    torch.save({"script": "05_flash_attn", "x": Evil()}, ckpt)
+    with pytest.raises(fa.UserError, match="is not a checkpoint this script can read"):
+        fa.load_checkpoint(str(ckpt))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_resume_refuses_another_model(fa, tmp_path, capsys):

@@ -4,8 +4,11 @@ import gzip
 import json
 import math
 import os
+import pickle
 import re
+import shutil
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,7 +54,7 @@ def fake_corpus(folder):
 
 
 # --- LoRA -------------------------------------------------------------------------------------
-def test_lora_linear_fresh_merge_unmerge_grads(m):
+def test_lora_linear_fresh_grads_merged(m):
     torch.manual_seed(0)
     base = nn.Linear(8, 6)
     w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
@@ -67,40 +70,46 @@ def test_lora_linear_fresh_merge_unmerge_grads(m):
         assert base.weight.grad is None and base.bias.grad is None  # only LoRA parameters learn
         assert lora.lora_A.grad is not None and lora.lora_B.grad is not None
         opt.step()
+    assert torch.equal(base.weight, w0)
     trained = lora(x)
     expected = F.linear(x, w0 + 2.0 * lora.lora_B @ lora.lora_A, b0)  # W + (alpha / r) B A
     torch.testing.assert_close(trained, expected)
-    lora.merge()
-    torch.testing.assert_close(lora(x), trained)  # merged == unmerged
-    assert not torch.equal(base.weight, w0)
-    lora.unmerge()
-    assert torch.equal(base.weight, w0)  # unmerge restores the base weights exactly
-    torch.testing.assert_close(lora.merged_linear()(x), trained)
+    merged = lora.merged_linear()
+    assert isinstance(merged, nn.Linear) and torch.equal(base.weight, w0)  # the LoRALinear is untouched
+    torch.testing.assert_close(merged(x), trained)
+    lora.enabled = False
+    assert torch.equal(lora(x), F.linear(x, w0, b0))
 
 
 def test_apply_lora_disable_adapters_save_load(m, tmp_path):
     model = tiny_gpt(m)
     idx = torch.randint(11, (3, 10))
     ref = model(idx)
-    m.apply_lora(model, ("attn.q_proj", "attn.v_proj"), r=4, alpha=8.0)
-    assert len(m.lora_layers(model)) == 4  # 2 blocks x (q, v)
+    m.apply_lora(model, ("attn.q_proj", "v_proj"), r=4, alpha=8.0)  # a full name, or its end (as peft)
+    wrapped = {n for n, mod in model.named_modules() if isinstance(mod, m.LoRALinear)}
+    assert wrapped == {f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     torch.testing.assert_close(model(idx), ref)
     with torch.no_grad():
-        for layer in m.lora_layers(model):
-            layer.lora_B.normal_()
+        for layer in model.modules():
+            if isinstance(layer, m.LoRALinear):
+                layer.lora_B.normal_()
     adapted = model(idx)
     assert not torch.allclose(adapted, ref)
     with m.disable_adapters(model):
         torch.testing.assert_close(model(idx), ref)  # the reference policy without a second copy
     torch.testing.assert_close(model(idx), adapted)
     torch.save(m.lora_state_dict(model), tmp_path / "a.pt")
-    other = m.apply_lora(tiny_gpt(m), ("attn.q_proj", "attn.v_proj"), r=4, alpha=8.0)
-    m.load_lora_state_dict(other, torch.load(tmp_path / "a.pt", weights_only=True))
+    assert set(torch.load(tmp_path / "a.pt", weights_only=True)) == {f"{n}.lora_{x}" for n in wrapped for x in "AB"}
+    other = m.apply_lora(tiny_gpt(m), ("q_proj", "v_proj"), r=4, alpha=8.0)
+    other.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True), strict=False)
     torch.testing.assert_close(other(idx), adapted)
     torch.testing.assert_close(m.merge_lora(other)(idx), adapted, atol=1e-5, rtol=1e-5)
-    with pytest.raises(m.UserError, match="valid targets: attn.c_proj, attn.k_proj, attn.q_proj"):
+    assert not any(isinstance(mod, m.LoRALinear) for mod in other.modules())
+    both = m.apply_lora(tiny_gpt(m), ("c_proj",))  # the end of two names: attention's and the MLP's
+    assert sum(isinstance(mod, m.LoRALinear) for mod in both.modules()) == 4
+    with pytest.raises(ValueError, match="valid targets: attn.c_proj, attn.k_proj, attn.q_proj"):
         m.apply_lora(tiny_gpt(m), ("attn.query",))
 
 
@@ -145,7 +154,8 @@ def nanogpt_state_dict(n_layer=2, C=16, V=11, T=16, seed=0):
 
 def test_reads_03_gpt_checkpoint_and_matches_naive_forward(m, tmp_path):
     sd = nanogpt_state_dict()
-    ckpt = {"model": sd, "optimizer": {}, "config": {}, "step": 5, "best_val": 1.0, "rng": {},
+    ckpt = {"script": "03_gpt", "stage": "train", "model": sd, "optimizer": {}, "config": {}, "step": 5,
+            "best_val": 1.0, "rng": {},
             "model_args": dict(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
                                bias=True, pos="learned", attn_impl="sdpa"),
             "tokenizer": {"kind": "char", "chars": "abcdefghij "}}
@@ -158,11 +168,17 @@ def test_reads_03_gpt_checkpoint_and_matches_naive_forward(m, tmp_path):
         cache = [{} for _ in model.transformer.h]
         steps = [model(idx[:, :5], cache)] + [model(idx[:, t:t + 1], cache) for t in range(5, 12)]
         torch.testing.assert_close(torch.cat(steps, 1), model(idx), atol=1e-5, rtol=1e-5)
-    assert m.CharTokenizer(tok["chars"]).decode([0, 10, 1]) == "a b"
-    back = m.to_nanogpt_state_dict(model.state_dict())
-    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert m.make_tokenizer(tok).decode([0, 10, 1]) == "a b"
     with pytest.raises(m.UserError, match="learned absolute positions only"):
         m.gpt_from_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "pos": "rope"}})
+    # --base reads it through load_checkpoint(script="03_gpt"): a checkpoint of another script is refused
+    run = SimpleNamespace(cfg=m.Config(base=str(tmp_path / "ckpt.pt")), device="cpu", tok=None)
+    torch.testing.assert_close(m.load_base(run)(idx), model(idx))
+    assert run.tok.decode([0, 10, 1]) == "a b"
+    torch.save({**ckpt, "script": m.SCRIPT_NAME, "stage": "pretrain"}, tmp_path / "ours.pt")
+    run.cfg.base = str(tmp_path / "ours.pt")
+    with pytest.raises(m.UserError, match=r"is not a 03_gpt.py checkpoint \(it is: 06_lora_rlhf pretrain\)"):
+        m.load_base(run)
 
 
 def write_safetensors(path, tensors):
@@ -195,6 +211,13 @@ def test_safetensors_reader_and_gpt2_conversion(m, tmp_path):
         hf[k.removeprefix("transformer.")] = v
     hf["h.0.attn.bias"] = torch.ones(1, 1, 8, 8)
     write_safetensors(tmp_path / "gpt2.safetensors", hf)
+    # a header length past the end of the file (an HTML page, a cut download) is refused, not allocated
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    with pytest.raises(m.UserError, match="header length 1152921504606846976 exceeds the file"):
+        m.load_safetensors(tmp_path / "bad.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 4) + b"<htm")
+    with pytest.raises(m.UserError, match="header is not JSON"):
+        m.load_safetensors(tmp_path / "bad.safetensors")
     model, tok = m.gpt_from_checkpoint(m.gpt2_checkpoint(tmp_path / "gpt2.safetensors"))
     assert tok == {"kind": "gpt2"} and model.config.n_head == 1
     idx = torch.randint(11, (2, 8))
@@ -304,27 +327,49 @@ def test_dpo_raises_margin(m):
 
 
 # --- CLI, resume, DDP, bad input ---------------------------------------------------------------
-def test_cli_all_tiny_then_resume_a_stage(tmp_path):
-    data = fake_corpus(tmp_path / "data")
-    out = tmp_path / "out"
-    r = run_script(NAME, "--mode", "all", "--preset", "tiny", f"--out_dir={out}", f"--data_dir={data}")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `--mode all --preset tiny` run on the fake corpus: (result, out_dir, data_dir). Tests that
+    change its files work on a copy (see `copy_run`)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    data, out = fake_corpus(root / "data"), root / "out"
+    return run_script(NAME, "--mode", "all", "--preset", "tiny", f"--out_dir={out}", f"--data_dir={data}"), out, data
+
+
+def copy_run(tiny_run, dest):
+    shutil.copytree(tiny_run[1], dest)
+    return dest
+
+
+STAGES = ("pretrain", "sft_full", "sft", "rm", "ppo", "dpo")
+
+
+def test_cli_all_tiny_then_resume_a_stage(m, tiny_run, tmp_path):
+    r, out, data = tiny_run
     assert r.returncode == 0, r
     assert "held-out pairwise accuracy" in r.output and "true reward" in r.output
     for stage in ("base", "sft", "ppo", "dpo"):
         assert re.search(rf"^{stage}\s+0\.\d+ \+- 0\.\d+", r.output, re.M), r
-    for f in ("pretrain.pt", "sft.pt", "sft_adapter.pt", "prefs.pt", "rm.pt", "ppo.pt", "dpo.pt",
-              "ppo_reward_vs_kl.png", "log.jsonl"):
+    for f in ("sft_adapter.pt", "ppo_reward_vs_kl.png", "log.jsonl"):
         assert (out / f).exists(), f
-    stages = {json.loads(line)["stage"] for line in (out / "log.jsonl").read_text().splitlines()}
-    assert stages == {"pretrain", "sft_full", "sft", "rm", "ppo", "dpo", "eval"}
-    ckpt = torch.load(out / "pretrain.pt", weights_only=True)  # 03_gpt.py's format
-    assert "transformer.h.0.attn.c_attn.weight" in ckpt["model"] and ckpt["model_args"]["pos"] == "learned"
+    cfg = m.parse_args(["--preset", "tiny"])
+    for stage in STAGES + ("prefs",):  # every file says which script and stage wrote it
+        ckpt = m.load_checkpoint(str(out / f"{stage}.pt"), cfg, stage)
+        assert ckpt["script"] == NAME and ckpt["stage"] == stage
+    assert m.load_checkpoint(str(out / "pretrain.pt"), cfg, "pretrain")["model_args"]["pos"] == "learned"
+    adapter = torch.load(out / "sft_adapter.pt", weights_only=True)
+    assert adapter and all(".lora_" in k for k in adapter)  # only the adapters ship
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == set(STAGES) | {"eval"}
+    sft = next(r for r in records if r["stage"] == "sft")
+    assert sft["trainable"] == 2 * 2 * 32 * 8 and 0 < sft["trainable_frac"] < 0.1  # q, v: A (r, C) + B (C, r)
+    out = copy_run(tiny_run, tmp_path / "out")
     r = run_script(NAME, "--mode", "dpo", "--preset", "tiny", "--init_from=resume", "--dpo_iters=14",
                    f"--out_dir={out}", f"--data_dir={data}")
     assert r.returncode == 0, r
     assert "dpo: resuming from step 10" in r.output and "dpo step 14" in r.output
     assert "sft step" not in r.output and "rm step" not in r.output  # earlier stages are loaded
-    assert torch.load(out / "dpo.pt", weights_only=True)["step"] == 14
+    assert m.load_checkpoint(str(out / "dpo.pt"), cfg, "dpo")["step"] == 14
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(m, tmp_path):
@@ -335,6 +380,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(m, tmp_path):
         m.train(m.parse_args(common + [f"--out_dir={out}", *extra]))
         return torch.load(os.path.join(out, "pretrain.pt"), weights_only=True)
 
+    for d in "ab":
+        (tmp_path / d).mkdir()
     whole = run(tmp_path / "a", "--mode=pretrain", "--max_iters=8")
     run(tmp_path / "b", "--mode=pretrain", "--max_iters=4")
     resumed = run(tmp_path / "b", "--mode=pretrain", "--max_iters=8", "--init_from=resume")
@@ -347,6 +394,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(m, tmp_path):
     run(tmp_path / "b", "--mode=sft", "--sft_iters=8", "--init_from=resume", *sft)
     a, b = (torch.load(tmp_path / d / "sft.pt", weights_only=True) for d in "ab")
     assert b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["metrics"]["val_loss"] == a["metrics"]["val_loss"]
 
 
 @pytest.mark.ddp
@@ -355,33 +403,94 @@ def test_ddp_two_ranks_identical_weights(tmp_path):
     r = run_torchrun(NAME, "--mode", "all", "--preset", "tiny", f"--out_dir={tmp_path / 'out'}",
                      f"--data_dir={data}", "--n_pairs=32", "--n_eval_prompts=8")
     assert r.returncode == 0, r
-    hashes = re.findall(r"rank (\d) (\w+) params sha256 ([0-9a-f]{16})", r.output)
     by_stage = {}
-    for rank, stage, h in hashes:
+    for rank, stage, h in re.findall(r"rank (\d) (\w+) fingerprint ([0-9a-f]{16})", r.output):
         by_stage.setdefault(stage, {})[rank] = h
-    assert set(by_stage) == {"pretrain", "sft_full", "sft", "rm", "ppo", "dpo"}, r
+    assert set(by_stage) == set(STAGES), r
     for stage, ranks in by_stage.items():
         assert set(ranks) == {"0", "1"} and ranks["0"] == ranks["1"], (stage, ranks)
 
 
-def test_bad_input(m, tmp_path, capsys):
-    def fails(*argv, code=1):
-        with pytest.raises(SystemExit) as e:
-            m.main(list(argv) + [f"--out_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'd'}"])
-        assert e.value.code == code
-        return capsys.readouterr().err
+def fails(m, capsys, *argv, code=1):
+    """main(argv) must exit with `code` and one `error:` line, no traceback -> that line."""
+    with pytest.raises(SystemExit) as e:
+        m.main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
-    assert "unknown flag --lora_rank" in fails("--lora_rank=4", code=2)
-    assert "--lora_r expects int" in fails("--lora_r=four", code=2)
-    err = fails("--lora_targets=attn.query")
-    assert "unknown LoRA target attn.query" in err and "attn.q_proj" in err and "mlp.c_fc" in err
-    assert "no checkpoint at" in fails(f"--base={tmp_path / 'missing.pt'}")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    assert "is not a 03_gpt.py checkpoint" in fails(f"--base={tmp_path / 'other.pt'}", "--mode=sft")
+
+def test_bad_flags(m, tmp_path, capsys):
+    def bad(*argv, code=2):
+        return fails(m, capsys, *argv, f"--out_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'd'}", code=code)
+
+    assert "unknown flag --lora_rank" in bad("--lora_rank=4")
+    assert "--lora_r expects int" in bad("--lora_r=four")
+    err = bad("--lora_targets=attn.query")
+    assert "--lora_targets: unknown LoRA target attn.query" in err and "attn.q_proj" in err and "mlp.c_fc" in err
+    assert "--mode must be one of" in bad("--mode=grpo")
+    assert "--n_embd=96 must be a multiple of --n_head=5" in bad("--n_head=5")
+    for flag in ("--batch_size=0", "--eval_interval=0", "--learning_rate=-1", "--ppo_minibatch=0", "--lora_r=0",
+                 "--dpo_beta=0", "--rm_holdout=1", "--lora_dropout=-0.1", "--n_eval_prompts=0", "--sft_top_frac=2",
+                 "--gamma=1.5", "--prefs=hh", "--init_from=ckpt.pt", "--dtype=float8"):
+        assert flag.split("=")[0] in bad(flag), flag
+    assert "--prompt_len + --response_len = 80 exceeds --block_size 64" in bad("--prompt_len=48")
+    assert f"no checkpoint at {tmp_path / 'missing.pt'}" in bad(f"--base={tmp_path / 'missing.pt'}", code=1)
+    assert "--mode pretrain only applies to --base scratch" in bad("--base=gpt2", "--mode=pretrain")
+
+
+def test_help_has_a_space_before_every_comment(m, capsys):
+    with pytest.raises(SystemExit):
+        m.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--lora_targets=q_proj,v_proj" in out
+    for line in out.splitlines()[1:]:
+        assert re.match(r"  --\w+=\S* +\S", line), line
+
+
+def test_bad_checkpoints_and_resume(m, tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path / "out")
+    base = ["--preset=tiny", f"--data_dir={tiny_run[2]}"]
+
+    def bad(out_dir, *argv):
+        return fails(m, capsys, *base, f"--out_dir={out_dir}", *argv)
+
+    (tmp_path / "empty").mkdir()
+    err = bad(tmp_path / "empty", "--mode=dpo", "--init_from=resume")
+    assert "holds no checkpoint of --mode dpo to resume" in err
+    assert "holds no checkpoint of --mode all" in bad(tmp_path / "empty", "--init_from=resume")
+    assert f"no checkpoint at {tmp_path / 'empty' / 'pretrain.pt'}" in bad(tmp_path / "empty", "--mode=rm")
+    # --base must be a 03_gpt.py checkpoint: 06's own pretrain.pt, junk and a pickle are refused
+    assert "is not a 03_gpt.py checkpoint (it is: 06_lora_rlhf pretrain)" in \
+        bad(tmp_path / "o", f"--base={out / 'pretrain.pt'}", "--mode=sft")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    assert "is not a checkpoint this script can read" in fails(f"--base={tmp_path / 'junk.pt'}", "--mode=sft")
-    assert "--mode must be one of" in fails("--mode=grpo")
-    assert "no base checkpoint at" in fails("--preset=tiny", "--mode=rm")  # pretrain has not run
+    assert "is not a checkpoint this script can read" in bad(tmp_path / "o", f"--base={tmp_path / 'junk.pt'}")
+    # a truncated, a malicious and a wrong-stage file where a stage or the pairs are read
+    sft, prefs = (out / "sft.pt").read_bytes(), (out / "prefs.pt").read_bytes()
+    (out / "sft.pt").write_bytes(sft[: len(sft) // 2])
+    assert f"{out / 'sft.pt'} is not a checkpoint this script can read" in bad(out, "--mode=rm")
+    with open(out / "sft.pt", "wb") as f:
+        pickle.dump({"model": Exploit(tmp_path / "pwned")}, f, protocol=2)
+    assert "is not a checkpoint this script can read (UnpicklingError)" in bad(out, "--mode=rm")
+    assert not (tmp_path / "pwned").exists()
+    shutil.copy(out / "rm.pt", out / "sft.pt")
+    assert "is not a 06_lora_rlhf.py sft checkpoint (it is: 06_lora_rlhf rm)" in bad(out, "--mode=rm")
+    (out / "sft.pt").write_bytes(sft)
+    (out / "prefs.pt").write_bytes(prefs[:100])
+    err = bad(out, "--mode=rm", "--init_from=resume")
+    assert f"{out / 'prefs.pt'} is not a checkpoint this script can read" in err
+    (out / "prefs.pt").write_bytes(prefs)
+    assert "another model config: lora_r=8 (flags say 4)" in bad(out, "--mode=rm", "--lora_r=4")
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 # --- Data --------------------------------------------------------------------------------------
@@ -398,13 +507,36 @@ def test_download_and_offline_message(m, tmp_path, http_server, monkeypatch):
         m.shakespeare_text(m.Config(data_dir=str(tmp_path / "empty")))
 
 
+def test_downloads_without_a_checksum_refuse_a_portal_page(m, tmp_path, http_server, monkeypatch):
+    """--prefs=hh-rlhf (train split: no pinned sha256) and --base=gpt2 behind a captive portal: the
+    HTML page is not kept, and the message names the URL and where to put the file by hand."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "portal").write_text("<!DOCTYPE html><html><body>Please log in</body></html>")
+    url = http_server(served)
+    monkeypatch.setattr(m, "HH_RLHF_URL", f"{url}/portal?{{split}}")
+    monkeypatch.setattr(m, "GPT2_URL", f"{url}/portal")
+    cfg = m.Config(data_dir=str(tmp_path / "d"), base="gpt2")
+    with pytest.raises(m.UserError, match=r"(?s)portal\?train did not send .*not start with b'\\x1f\\x8b'.*by hand"):
+        m.hh_rlhf_tensors(cfg, m.make_tokenizer(dict(kind="char", chars="ab")), "train")
+    with pytest.raises(m.UserError, match=r"(?s)portal did not send the expected file \(it is an HTML page\)"):
+        m.load_base(SimpleNamespace(cfg=cfg, device="cpu", tok=None))
+    assert not [p for p in (tmp_path / "d").rglob("*") if p.is_file()]  # nothing left behind
+    # a file already there but cut short is refused by its reader with one line, too
+    cut = tmp_path / "d" / "hh-rlhf" / "helpful-base" / "train.jsonl.gz"
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    cut.write_bytes(gzip.compress(b'{"chosen": "a"}\n' * 100)[:40])
+    with pytest.raises(m.UserError, match="is not a readable HH-RLHF file"):
+        m.hh_rlhf_tensors(cfg, m.make_tokenizer(dict(kind="char", chars="ab")), "train")
+
+
 def test_hh_rlhf_parses(m, tmp_path, data_dir):
     root = data_dir("hh-rlhf")
     rows = m.load_hh_rlhf(root / "hh-rlhf" / "helpful-base" / "test.jsonl.gz")
     assert 2000 < len(rows) <= 2354
     prompt, chosen, rejected = rows[0]
     assert prompt.startswith("\n\nHuman:") and prompt.endswith("\n\nAssistant:") and chosen != rejected
-    tok = m.CharTokenizer("".join(chr(i) for i in range(9, 127)))
+    tok = m.make_tokenizer(dict(kind="char", chars="".join(chr(i) for i in range(9, 127))))
     cfg = m.Config(data_dir=str(root), prompt_len=64, response_len=32)
     p, c, r = m.hh_rlhf_tensors(cfg, tok, "test")
     assert p.shape[1] == 64 and c.shape == r.shape and c.shape[1] == 32 and len(p) > 500

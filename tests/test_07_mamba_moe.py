@@ -3,10 +3,9 @@ losses, learning, the CLI (copy, lm, bench; resume; DDP) and bad input."""
 import hashlib
 import json
 import math
-import platform
 import re
 import shutil
-import sys
+import types
 
 import pytest
 import torch
@@ -199,22 +198,30 @@ def test_one_expert_top1_equals_dense_ffn(m):
     torch.testing.assert_close(moe(x)[0], mlp(x), rtol=1e-5, atol=1e-6)
 
 
-def test_no_expert_exceeds_capacity_and_overflow_is_dropped(m):
+def test_capacity_drops_exactly_the_overflow_and_first_choices_win(m):
+    """Tokens 0-19 route to experts (0, 1), tokens 20-39 to (1, 0); capacity is 10 per expert. First
+    choices are listed before second choices, so expert 0 keeps tokens 0-9 and expert 1 keeps 20-29
+    (each through its first choice); every second choice and tokens 10-19, 30-39 are dropped."""
     torch.manual_seed(0)
     moe = m.MoE(d_model=8, d_ff=12, n_experts=4, top_k=2, capacity_factor=0.5)
+    x = torch.randn(40, 8)
+    x[:, :2] = 0
+    x[:20, 0], x[20:, 1] = 1.0, 1.0
     with torch.no_grad():
         moe.router.weight.zero_()
-        moe.router.weight[0] += 1.0  # route almost everything to expert 0 -> overflow
-    x = torch.randn(40, 8).abs()
-    y, _ = moe(x)
-    cap = moe.stats["capacity"]
-    assert cap == math.ceil(0.5 * 40 * 2 / 4)
-    assert (moe.stats["kept_per_expert"] <= cap).all()
-    assert moe.stats["load"][0] == 40  # every token chose expert 0 first
-    assert moe.stats["drop_rate"] > 0
-    # The first `cap` tokens (in order) keep expert 0; a token that lost both experts outputs 0.
-    dropped_everywhere = (y.abs().sum(-1) == 0).sum().item()
-    assert dropped_everywhere > 0
+        moe.router.weight[:2, :2] = torch.tensor([[3.0, 2.0], [2.0, 3.0]])
+        y, _ = moe(x)
+    assert moe.stats["capacity"] == 10 == math.ceil(0.5 * 40 * 2 / 4)
+    assert moe.stats["load"].tolist() == [40, 40, 0, 0]
+    assert moe.stats["kept_per_expert"].tolist() == [10, 10, 0, 0]
+    assert moe.stats["drop_rate"].item() == pytest.approx(0.75)
+    dropped = (y == 0).all(-1).nonzero().flatten().tolist()
+    assert dropped == list(range(10, 20)) + list(range(30, 40))
+    _, _, top_i, gates = moe.route(x)
+    for t, e in [*((t, 0) for t in range(10)), *((t, 1) for t in range(20, 30))]:
+        assert top_i[t, 0] == e  # kept through its first choice only: its output is that expert's, gated
+        expected = gates[t, 0] * (F.gelu(x[t] @ moe.w1[e] + moe.b1[e, 0]) @ moe.w2[e] + moe.b2[e, 0])
+        torch.testing.assert_close(y[t], expected.detach())
 
 
 def test_balancing_loss_matches_hand_computation(m):
@@ -297,11 +304,12 @@ def test_cli_copy_resume_equals_uninterrupted(m, tmp_path, capsys):
 
 @pytest.mark.ddp
 def test_ddp_two_ranks_identical_weights(tmp_path):
+    # gradient_accumulation_steps counts micro-batches over all ranks: 2 = one per rank.
     r = run_torchrun(NAME, *COPY, "--models=mamba,moe", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
-                     timeout=600)
+                     "--gradient_accumulation_steps=2", timeout=600)
     assert r.returncode == 0, r
     # Each rank prints a hash of its weights; the two ranks' lines may interleave in the pipe.
-    found = re.findall(r"\[rank (\d)\] \[(\w+)\] weights checksum ([0-9a-f]{16})", r.output)
+    found = re.findall(r"\[rank (\d)\] \[(\w+)\] fingerprint ([0-9a-f]{16})", r.output)
     for name in ("mamba", "moe"):
         sums = {rank: digest for rank, model, digest in found if model == name}
         assert set(sums) == {"0", "1"}, r
@@ -342,22 +350,28 @@ def test_missing_data_offline_is_a_clear_error(m, tmp_path, http_server, monkeyp
     with pytest.raises(SystemExit) as e:
         m.main(["--preset", "tiny", "--mode=lm", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "could not download" in err and "input.txt" in err
+    assert e.value.code == 1 and "could not download" in err and "Traceback" not in err
+    assert f"save it as {tmp_path / 'd' / 'tinyshakespeare' / 'input.txt'}" in err
     assert not (tmp_path / "d" / "tinyshakespeare" / "input.txt.part").exists()
 
 
-def test_keep_freed_memory_is_accepted_by_glibc(m):
-    """mallopt returns 1 only for a known option with a value in range: this checks the constants
-    and the 32 MiB / 1 GiB thresholds, not just that the call runs."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    assert m.keep_freed_memory() is True
+def test_download_of_the_wrong_content_is_refused_and_not_kept(m, tmp_path, http_server, monkeypatch, capsys):
+    """A captive portal answers 200 with an HTML page: the pinned sha256 refuses it, nothing stays."""
+    site = tmp_path / "portal"
+    site.mkdir()
+    (site / "input.txt").write_text("<!DOCTYPE html><html><body>Please log in</body></html>")
+    monkeypatch.setattr(m, "DATA_URL", http_server(site) + "/input.txt")
+    with pytest.raises(SystemExit) as e:
+        m.main(["--preset", "tiny", "--mode=lm", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "did not send the expected file (sha256" in err and "Traceback" not in err
+    assert not list((tmp_path / "d" / "tinyshakespeare").iterdir())
 
 
 def test_bench_mode(m, tmp_path, capsys):
-    m.main(["--preset", "tiny", "--mode=bench", f"--out_dir={tmp_path}", "--keep_freed_memory=false"])
+    m.main(["--preset", "tiny", "--mode=bench", f"--out_dir={tmp_path}"])
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and "KV cache" in printed and "keep_freed_memory=False" in printed
+    assert "speed-up" in printed and "KV cache" in printed
     recs = read_log(tmp_path)
     scans = [r for r in recs if r["bench"] == "scan"]
     assert [r["l"] for r in scans] == [32, 64] and all(r["max_abs_diff"] < 1e-4 for r in scans)
@@ -384,25 +398,67 @@ def test_compiled_mamba_trains_like_eager(m, tmp_path):
 @pytest.mark.data
 def test_real_tinyshakespeare_prepares(m, data_dir, tmp_path):
     cfg = m.parse_args([f"--data_dir={data_dir('tinyshakespeare')}", f"--out_dir={tmp_path}"])
-    chars = m.prepare_shakespeare(cfg)
+    chars = m.ShakespeareTask(cfg).chars
     assert len(chars) == 65
     n_train = (tmp_path / "train.bin").stat().st_size // 2
     n_val = (tmp_path / "val.bin").stat().st_size // 2
     assert n_train + n_val == 1_115_394 and n_train == int(0.9 * 1_115_394)
 
 
-@pytest.mark.parametrize("args,code,msg", [
-    (["--top_k=5", "--n_experts=4"], 1, "--top_k=5 must be between 1 and --n_experts=4"),
-    (["--mode=translate"], 1, "unknown --mode 'translate'"),
-    (["--models=mamba,rnn"], 1, "unknown model 'rnn'"),
-    (["--no_such_flag=1"], 2, "unknown flag --no_such_flag"),
-    (["--max_iters=ten"], 2, "--max_iters expects int"),
+@pytest.mark.parametrize("args,msg", [
+    (["--top_k=5", "--n_experts=4"], "--top_k=5 must be between 1 and --n_experts=4"),
+    (["--top_k=0"], "--top_k must be > 0, not 0"),
+    (["--mode=translate"], "--mode must be one of copy, lm, bench, not 'translate'"),
+    (["--models=mamba,rnn"], "--models must be a comma list of mamba, mamba_lti, attn, dense, moe, moe_nobal"),
+    (["--models=,"], "--models must be a comma list of"),
+    (["--no_such_flag=1"], "unknown flag --no_such_flag"),
+    (["--max_iters=ten"], "--max_iters expects int"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be divisible by --n_head=4"),
+    (["--copy_tokens=40"], "--copy_tokens=40 cannot exceed --copy_len=32"),
+    (["--min_lr=1"], "--min_lr=1.0 cannot exceed --learning_rate=0.003"),
+    (["--bench_lengths=64,0"], "--bench_lengths must be positive integers separated by commas"),
+    (["--d_state=0"], "--d_state must be > 0, not 0"),
+    (["--capacity_factor=0"], "--capacity_factor must be > 0, not 0.0"),
+    (["--dropout=1"], "--dropout must be in [0, 1), not 1.0"),
+    (["--router_noise=-0.1"], "--router_noise must be >= 0, not -0.1"),
+    (["--z_loss_coef=nan"], "--z_loss_coef must be >= 0, not nan"),
+    (["--init_from=ckpt.pt"], "--init_from must be one of scratch, resume, not 'ckpt.pt'"),
+    (["--dtype=float64"], "--dtype must be one of auto, float32, bfloat16, float16"),
+    (["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be > 0, not 0"),
+    (["--eval_interval=0"], "--eval_interval must be > 0, not 0"),
+    (["--learning_rate=-1"], "--learning_rate must be > 0, not -1.0"),
+    (["--batch_size=0"], "--batch_size must be > 0, not 0"),
+    (["--mode=nope"], "--mode must be one of copy, lm, bench, not 'nope'"),
 ])
-def test_bad_input_is_a_clear_error(m, tmp_path, capsys, args, code, msg):
+def test_bad_flag_values_exit_2_with_one_line_naming_the_flag(m, tmp_path, capsys, args, msg):
     with pytest.raises(SystemExit) as e:
         m.main([*args, f"--out_dir={tmp_path}"])
-    assert e.value.code == code
-    assert msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1 and "Traceback" not in err
+    assert not (tmp_path / "log.jsonl").exists()  # refused before any work
+
+
+def test_gradient_accumulation_must_be_a_multiple_of_the_ranks(m, tmp_path):
+    cfg = m.parse_args(["--preset", "tiny", "--gradient_accumulation_steps=3", f"--out_dir={tmp_path}"])
+    with pytest.raises(m.UserError, match=r"--gradient_accumulation_steps=3 must be a multiple of .* \(2\)"):
+        m.train(cfg, "mamba", m.CopyTask(cfg), rank=0, world_size=2)
+
+
+def test_foreign_or_wrong_model_checkpoint_is_refused(m, tmp_path, capsys):
+    m.main([*COPY, "--models=mamba", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"])
+    shutil.copy(tmp_path / "ckpt_mamba.pt", tmp_path / "ckpt_attn.pt")  # another model's checkpoint
+    torch.save({"script": "03_gpt", "stage": "train", "model": {}}, tmp_path / "ckpt_mamba_lti.pt")
+    (tmp_path / "ckpt_moe.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    for model, msg in [("attn", "is not a 07_mamba_moe.py attn checkpoint (it is: 07_mamba_moe mamba)"),
+                       ("mamba_lti", "is not a 07_mamba_moe.py mamba_lti checkpoint (it is: 03_gpt train)"),
+                       ("moe", "is not a checkpoint this script can read"),
+                       ("dense", "no checkpoint at")]:
+        with pytest.raises(SystemExit) as e:
+            m.main([*COPY, f"--models={model}", f"--out_dir={tmp_path}", "--init_from=resume"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_help_lists_every_flag(m, capsys):
@@ -414,11 +470,17 @@ def test_help_lists_every_flag(m, capsys):
 
 @pytest.mark.parametrize("name", ["mamba", "attn", "moe"])
 def test_models_run_under_bfloat16_autocast(m, name):
+    """bfloat16 autocast (the scan stays float32) gives the float32 loss up to bfloat16 rounding
+    (differences of 0.0001-0.0004 seen here), and gradients reach every parameter."""
     cfg = m.parse_args(["--preset", "tiny"])
-    model = m.build_model(cfg, name, vocab_size=7, block_size=12)
+    model, _, _ = m.init_model(cfg, name, types.SimpleNamespace(vocab_size=7, block_size=12))
     x = torch.randint(0, 7, (2, 12))
+    with torch.no_grad():
+        logits, aux = model(x)
+        loss_f32 = (m.lm_loss(logits, x) + aux).item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, aux = model(x)
         loss = m.lm_loss(logits, x) + aux
     loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert loss.item() == pytest.approx(loss_f32, abs=2e-3)
+    assert all(p.grad is not None for p in model.parameters())

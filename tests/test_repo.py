@@ -3,9 +3,13 @@
 - every numbered script in the repository is named in README.md (and in README.zh-CN.md);
 - every script that a README command runs exists;
 - importing a script has no side effects: no network, no argument parsing, no files written;
+- the plumbing section (`# --- Plumbing: the same in every script`) is byte-identical in all
+  scripts, and each script's milestone section runs on its own (tests/test_repo.py's
+  MILESTONE_CHECKS build and run its main classes after only the file's import lines);
 - every script answers --help, and every `python 0N_x.py ...` / `torchrun ... 0N_x.py ...` line in
   the READMEs' code blocks parses with that script's own parse_args (so the docs cannot drift).
 """
+import os
 import re
 import shlex
 import subprocess
@@ -13,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, milestone_namespace, script_section
 
 READMES = [ROOT / "README.md", ROOT / "README.zh-CN.md"]
 SCRIPTS = sorted(p.name for p in ROOT.glob("0[1-9]_*.py"))
@@ -115,3 +119,156 @@ def test_help_lists_every_field(script, capsys):
     out = capsys.readouterr().out
     for field in mod.Config.__dataclass_fields__:
         assert f"--{field}" in out, f"{script} --help does not list --{field}"
+
+
+PLUMBING_BANNER = "# --- Plumbing: the same in every script"
+
+
+def test_plumbing_is_identical_in_every_script():
+    sections = {s: script_section(s, PLUMBING_BANNER) for s in SCRIPTS}
+    first = SCRIPTS[0]
+    for script, lines in sections.items():
+        assert lines == sections[first], (
+            f"{script}'s plumbing differs from {first}'s: first differing line "
+            f"{next((a, b) for a, b in zip(lines + [''] * 999, sections[first] + [''] * 999) if a != b)}")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_plumbing_comes_last_and_main_guard_closes_the_file(script):
+    lines = (ROOT / script).read_text(encoding="utf-8").rstrip("\n").splitlines()
+    assert lines[-2:] == ['if __name__ == "__main__":', "    main()"], f"{script} does not end with the main guard"
+    banners = [line.split("---")[1].strip() for line in lines if line.startswith("# --- ")]
+    assert banners[-1].startswith("Plumbing"), f"{script}: the plumbing is not the last section ({banners})"
+    assert banners[0] == "Config" and banners[1].startswith("Milestone"), f"{script}: sections are {banners}"
+
+
+# --- Bad input: the kinds every script shares (issue #16). Each case must end with exactly one
+# `error:` line naming the flag or file, a non-zero exit, and no traceback (an exception other than
+# SystemExit fails the test).
+BAD_FLAGS = [("--device=nope", 1, "--device nope"), ("--learning_rate=-1", 2, "--learning_rate"),
+             ("--eval_interval=0", 2, "--eval_interval"), ("--batch_size=0", 2, "--batch_size"),
+             ("--mode=nope", 2, "--mode"), ("--learning_rate=nan", 2, "--learning_rate"),
+             ("--seed=x", 2, "--seed"), ("--no_such_flag=1", 2, "--no_such_flag")]
+
+
+def one_error(capsys, script, argv, status, needle):
+    mod = load_script(script)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == status, f"{script} {argv}: exit {e.value.code}, expected {status}\n{err}"
+    assert len(errors) == 1 and needle in errors[0], f"{script} {argv}: {err!r}"
+    assert "Traceback" not in err
+    return errors[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flag,status,needle", BAD_FLAGS, ids=[f for f, _, _ in BAD_FLAGS])
+def test_bad_flag_values_give_one_error_line(script, flag, status, needle, tmp_path, capsys):
+    one_error(capsys, script, ["--preset", "tiny", flag, f"--out_dir={tmp_path}"], status, needle)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_missing_gpu_is_refused_before_any_work(script, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_error(capsys, script, ["--preset", "tiny", "--device=cuda", f"--out_dir={tmp_path / 'o'}"], 1,
+                     "--device cuda")
+    assert "cpu" in line  # it names what the machine has
+    assert not (tmp_path / "o").exists(), "work started before the device was checked"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_unwritable_out_dir_is_refused_before_any_work(script, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out_dir in (blocker, blocker / "sub"):
+        one_error(capsys, script, ["--preset", "tiny", f"--out_dir={out_dir}"], 1, f"--out_dir {out_dir}")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_download_checks_what_arrived(tmp_path, http_server):
+    """The plumbing is the same in every script, so one script's download() stands for all."""
+    mod = load_script(SCRIPTS[0])
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "portal.gz").write_text("<!DOCTYPE html><html><body>Please log in</body></html>")
+    (served / "notgzip.gz").write_bytes(b"PK\x03\x04 a zip, not a gzip")
+    (served / "ok.gz").write_bytes(b"\x1f\x8b rest of a gzip stream")
+    url = http_server(served)
+    dest = tmp_path / "data"
+    for name, magic, needle in (("portal.gz", None, "it is an HTML page"),  # no magic known: still no HTML
+                                ("portal.gz", b"\x1f\x8b", "does not start with"),
+                                ("notgzip.gz", b"\x1f\x8b", "does not start with")):
+        with pytest.raises(mod.UserError, match=rf"(?s){url}/{name} did not send.*{needle}.*by hand"):
+            mod.download(f"{url}/{name}", str(dest / name), magic=magic)
+        assert not (dest / name).exists() and not (dest / f"{name}.part").exists()
+    assert mod.download(f"{url}/ok.gz", str(dest / "ok.gz"), magic=b"\x1f\x8b") == str(dest / "ok.gz")
+    assert (dest / "ok.gz").read_bytes() == (served / "ok.gz").read_bytes()
+    with pytest.raises(mod.UserError, match=r"could not download .*404"):
+        mod.download(f"{url}/missing.txt", str(dest / "missing.txt"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_load_checkpoint_refuses_what_it_should(script, tmp_path):
+    import torch
+    mod = load_script(script)
+    cfg = mod.parse_args(["--preset", "tiny"])
+    model, opt = torch.nn.Linear(2, 2), None
+    good, other = str(tmp_path / "good.pt"), str(tmp_path / "other.pt")
+    mod.save_checkpoint(good, model, opt, cfg, 3, 1.5, stage="alpha")
+    ckpt = mod.load_checkpoint(good, cfg, stage="alpha")
+    assert ckpt["script"] == mod.SCRIPT_NAME and ckpt["step"] == 3 and ckpt["stage"] == "alpha"
+    with pytest.raises(mod.UserError, match="not a .* beta checkpoint"):
+        mod.load_checkpoint(good, cfg, stage="beta")
+    torch.save({**ckpt, "script": "99_other"}, other)
+    with pytest.raises(mod.UserError, match=r"is not a .*checkpoint \(it is: 99_other"):
+        mod.load_checkpoint(other, cfg)
+    if mod.MODEL_KEYS:
+        key = mod.MODEL_KEYS[0]
+        torch.save({**ckpt, "config": {**ckpt["config"], key: "something else"}}, other)
+        with pytest.raises(mod.UserError, match=f"another model config: {key}="):
+            mod.load_checkpoint(other, cfg)
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(other, "wb") as f:
+        f.write(data[: len(data) // 2])  # truncated
+    with pytest.raises(mod.UserError, match="not a checkpoint this script can read"):
+        mod.load_checkpoint(other, cfg)
+    with pytest.raises(mod.UserError, match="no checkpoint at"):
+        mod.load_checkpoint(str(tmp_path / "absent.pt"), cfg)
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_load_checkpoint_runs_no_code_from_a_pickle(script, tmp_path, monkeypatch):
+    import pickle
+    mod = load_script(script)
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as f:
+        pickle.dump({"model": _Exploit()}, f, protocol=2)
+    with pytest.raises(mod.UserError, match="not a checkpoint this script can read"):
+        mod.load_checkpoint("evil.pt", None)
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- The milestone section copies on its own (issue #15). tests/milestones/milestone_0N.py builds and
+# runs each script's main classes from the namespace that the section alone defines.
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_milestone_section_runs_on_its_own(script):
+    import importlib.util
+    path = ROOT / "tests" / "milestones" / f"milestone_{script[:2]}.py"
+    spec = importlib.util.spec_from_file_location(f"milestone_check_{script[:2]}", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    ns = milestone_namespace(script)
+    assert not {"Config", "UserError", "parse_args", "train", "main"} & set(ns), \
+        f"{script}'s milestone section defines names of other sections"
+    checks.check(ns)
