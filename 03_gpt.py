@@ -169,6 +169,7 @@ class GPTConfig:
     bias: bool = True
     pos: str = "learned"  # learned | rope | alibi
     attn: str = "sdpa"  # sdpa | manual
+    gelu: str = "exact"  # exact (erf) | tanh: GPT-2's approximation, which from_pretrained sets to compute GPT-2
 
 
 def alibi_slopes(n_head):
@@ -255,13 +256,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward, C -> 4C -> C with GELU. GPT-2 used GELU's tanh approximation;
-    the exact erf form (as in nanoGPT) differs by < 1e-3 and runs faster on CPUs."""
+    """Position-wise feed-forward, C -> 4C -> C with GELU (Hendrycks & Gimpel 2016): the exact x Phi(x) from scratch
+    (as nanoGPT: faster on CPUs), or the tanh approximation GPT-2 was trained with, which its weights need."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -289,8 +290,10 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.pos not in ("learned", "rope", "alibi") or config.attn not in ("sdpa", "manual"):
-            raise ValueError(f"pos must be learned|rope|alibi and attn sdpa|manual, not {config.pos}, {config.attn}")
+        if (config.pos not in ("learned", "rope", "alibi") or config.attn not in ("sdpa", "manual")
+                or config.gelu not in ("exact", "tanh")):
+            raise ValueError(f"pos must be learned|rope|alibi, attn sdpa|manual and gelu exact|tanh, not "
+                             f"{config.pos}, {config.attn}, {config.gelu}")
         self.config = config
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos == "learned":  # RoPE and ALiBi put position into attention instead
@@ -406,12 +409,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0):
-        """OpenAI's GPT-2 from a Hugging Face folder (config.json + model.safetensors). Its Linear
-        layers are Conv1D, stored (in, out); its names lack `transformer.`; its head is tied to wte."""
+        """OpenAI's GPT-2 from a Hugging Face folder (config.json + model.safetensors), with its tanh GELU. Its
+        Linear layers are Conv1D, stored (in, out); its names lack `transformer.`; its head is tied to wte."""
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
-        model = cls(GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                              n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout))
+        model = cls(GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), dropout=dropout, gelu="tanh",
+                              **{k: hf[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}))
         sd, loaded = model.state_dict(), set()
         conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
         for key, t in load_safetensors(os.path.join(folder, "model.safetensors")).items():
@@ -586,20 +589,26 @@ SHAKESPEARE = ("tinyshakespeare/input.txt",
                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", None)
 # name -> (file under --data_dir, URL, sha256 or None, first bytes or None, tokenizer). A file without a pinned
-# sha256 is checked by its format's first bytes (xz) or at least for not being an HTML page (text).
+# sha256 is checked by its format's first bytes (xz) or at least for not being an HTML page (text). {hf} is
+# hf_endpoint(); owt10k's file lies on a CDN host outside the Hub's URL layout, which a mirror does not serve.
 DATASETS = {
     "shakespeare_char": (*SHAKESPEARE, "char"),
     "shakespeare": (*SHAKESPEARE, "gpt2"),
     "tinystories": ("tinystories/TinyStories-valid.txt",
-                    "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
+                    "{hf}/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt",
                     None, None, "gpt2"),
     "owt10k": ("openwebtext-10k/openwebtext-10k.tar.xz",
                "https://cdn-datasets.huggingface.co/nlp/datasets/openwebtext/openwebtext-10k.tar.xz",
                None, b"\xfd7zXZ\x00", "gpt2"),
 }
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"  # GPT-2 weights
+HF_URL = "{hf}/openai-community/{name}/resolve/main/{file}"  # GPT-2 weights
 GPT2_EOT = 50256  # <|endoftext|>, put between documents
+
+
+def hf_endpoint():
+    """Hugging Face, or the mirror $HF_ENDPOINT names (as for its own tools), read at each download."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 def gpt2_folder(cfg):
@@ -612,7 +621,7 @@ def gpt2_folder(cfg):
         return cfg.init_from
     folder = os.path.join(cfg.data_dir, "hf", cfg.init_from)
     for file in ("config.json", "model.safetensors"):
-        download(HF_URL.format(name=cfg.init_from, file=file), os.path.join(folder, file))
+        download(HF_URL.format(hf=hf_endpoint(), name=cfg.init_from, file=file), os.path.join(folder, file))
     return folder
 
 
@@ -675,13 +684,13 @@ def prepare_data(cfg, verbose=True):
     sha256, so an edited text is re-tokenized and an unchanged one reused. Only the source is read from data_dir."""
     if cfg.dataset in DATASETS:
         rel, url, sha, magic, kind = DATASETS[cfg.dataset]
-        src, name = download(url, os.path.join(cfg.data_dir, rel), sha, magic), cfg.dataset
+        src, name = download(url.format(hf=hf_endpoint()), os.path.join(cfg.data_dir, rel), sha, magic), cfg.dataset
     elif not os.path.isfile(cfg.dataset):
         raise UserError(f"--dataset {cfg.dataset}: there is no such file")
     else:
         src, kind, name = cfg.dataset, cfg.tokenizer, os.path.basename(cfg.dataset)[:-4]
     with open(src, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
+        sha = hashlib.sha256(f.read()).hexdigest()  # (hashlib.file_digest needs Python 3.11)
     folder = os.path.join(cfg.out_dir, "data", f"{name}-{kind}-{sha[:12]}")
     if os.path.exists(os.path.join(folder, "meta.json")):
         with open(os.path.join(folder, "meta.json")) as f:

@@ -14,7 +14,7 @@ Run it:
     python 04_bert.py --mode finetune --init_from out/04_bert/pretrain.pt     # SST-2 from our checkpoint
     python 04_bert.py --mode finetune --vocab out/04_bert/vocab.txt --out_dir out/04_bert_scratch
     python 04_bert.py --mode distill --teacher out/04_bert/finetune.pt       # a half-depth student
-    python 04_bert.py --mode finetune --preset gpu --init_from bert-base-uncased   # one GPU
+    python 04_bert.py --mode finetune --preset gpu --init_from bert-base-uncased   # one GPU; $HF_ENDPOINT: a mirror
     torchrun --standalone --nproc_per_node=8 04_bert.py --mode pretrain --preset gpu   # DDP
     python 04_bert.py --help                             # every flag, its default and meaning
 
@@ -174,7 +174,8 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def _char_kind(ch):
     """'drop' (NUL, U+FFFD, control), 'space', 'split' (punctuation or CJK: a token of its own) or 'word'."""
     cp, cat = ord(ch), unicodedata.category(ch)
-    if ch in " \t\n\r" or cat == "Zs":
+    # Zs (BERT's _is_whitespace) and Zl, Zp (its str.split()); str.split's other characters are controls: dropped
+    if ch in "\t\n\r" or cat[0] == "Z":
         return "space"
     if cp == 0 or cp == 0xFFFD or cat.startswith("C"):
         return "drop"
@@ -259,8 +260,7 @@ def train_wordpiece(texts, vocab_size, lower_case=True):
     Hugging Face's, which built many BERT vocabularies, ranks by count (as BPE) -- as here. A heap with
     lazy updates keeps each merge cheap: only the words containing the merged pair are touched."""
     counts = Counter(w for t in texts for w in basic_tokenize(t, lower_case))
-    words = [[w[0]] + ["##" + c for c in w[1:]] for w in counts]
-    freqs = list(counts.values())
+    words, freqs = [[w[0]] + ["##" + c for c in w[1:]] for w in counts], list(counts.values())
     vocab = SPECIALS + sorted({p for w in words for p in w})
     pair_count, where = Counter(), defaultdict(set)  # (a, b) -> corpus count, -> ids of words with it
     for i, w in enumerate(words):
@@ -380,6 +380,10 @@ class BertEncoder(nn.Module):
         if T > self.pos.num_embeddings:
             raise ValueError(f"sequence of {T} tokens, but only {self.pos.num_embeddings} position embeddings")
         seg = torch.zeros_like(idx) if seg is None else seg
+        if attn_mask is not None and attn_mask.is_floating_point():  # refuse an additive mask (0 / -inf, or all 0)
+            if not (((attn_mask == 0) | (attn_mask == 1)).all() and (attn_mask == 1).any(-1).all()):
+                raise ValueError("attn_mask holds 1 (or True) for a real token, 0 for padding: not an additive mask")
+        attn_mask = None if attn_mask is None else attn_mask != 0  # any dtype (tokenizers give int64): SDPA's bool
         x = self.drop(self.ln(self.tok(idx) + self.pos(torch.arange(T, device=idx.device)) + self.seg(seg)))
         for block in self.blocks:
             if self.grad_ckpt and self.training:
@@ -458,7 +462,7 @@ def distillation_loss(logits, teacher_logits, labels, tau, alpha):
 # --- Data -----------------------------------------------------------------------------------------
 WIKITEXT_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/{name}-raw-v1.zip"
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
-HF_URL = "https://huggingface.co/{name}/resolve/main/{file}"
+HF_URL = "{endpoint}/{name}/resolve/main/{file}"  # endpoint: $HF_ENDPOINT (a mirror), as huggingface_hub reads it
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -638,8 +642,7 @@ def collate(examples, pad_id):
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     seg = torch.zeros((len(examples), T), dtype=torch.long)
     for i, (ids, segs, _) in enumerate(examples):
-        idx[i, :len(ids)] = torch.tensor(ids)
-        seg[i, :len(segs)] = torch.tensor(segs)
+        idx[i, :len(ids)], seg[i, :len(segs)] = torch.tensor(ids), torch.tensor(segs)
     attn_mask = torch.arange(T)[None, :] < torch.tensor([len(e[0]) for e in examples])[:, None]
     return idx, seg, attn_mask, torch.tensor([e[2] for e in examples])
 
@@ -759,8 +762,9 @@ def fetch_pretrained(name_or_dir, cache_dir):
     files, folder = ("config.json", "vocab.txt", "model.safetensors"), name_or_dir
     if not os.path.isdir(name_or_dir):
         folder = os.path.join(cache_dir, name_or_dir)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         for file in files:
-            download(HF_URL.format(name=name_or_dir, file=file), os.path.join(folder, file))
+            download(HF_URL.format(endpoint=endpoint, name=name_or_dir, file=file), os.path.join(folder, file))
     for file in files:
         if not os.path.exists(os.path.join(folder, file)):
             raise UserError(f"{folder} has no {file} (a BERT folder needs config.json, model.safetensors, vocab.txt)")

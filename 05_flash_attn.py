@@ -8,6 +8,7 @@ and block-sparse attention skip whole tiles; and how to write the same algorithm
 
 Run it:
     python 05_flash_attn.py                              # CPU: --mode bench (time, memory, accuracy)
+    python 05_flash_attn.py --bench_tiles=64x64,128x128  # tile sizes side by side, timed against SDPA
     python 05_flash_attn.py --mode io                    # the paper's IO accounting, printed
     python 05_flash_attn.py --mode train                 # tiny LM: naive vs tiled, same seed
     python 05_flash_attn.py --preset gpu                 # one GPU: adds the Triton kernel to the bench
@@ -65,8 +66,8 @@ class Config:
     init_from: str = "scratch"  # scratch | resume (--mode train)
     mode: str = "bench"  # bench | io | train
     # attention
-    block_q: int = 64  # B_r: query rows per tile
-    block_k: int = 64  # B_c: key columns per tile
+    block_q: int = 128  # B_r: query rows per tile (CPU: fewer, larger tiles cut per-tile Python overhead)
+    block_k: int = 128  # B_c: key columns per tile (128x128 timed best with --bench_tiles, README)
     window: int = 0  # sliding-window size for the LM in --mode train (0 = full causal attention)
     attn_impls: str = "naive,flash"  # --mode train: implementations trained one after the other
     # bench / io
@@ -75,6 +76,7 @@ class Config:
     bench_heads: int = 4  # H
     bench_head_dim: int = 64  # d
     bench_causal: bool = True  # causal attention in the bench
+    bench_tiles: str = ""  # e.g. 64x64,256x256: instead, time these B_r x B_c tiles alternated with sdpa
     bench_repeats: int = 3  # timed repetitions per measurement (the median is reported)
     accuracy_n: int = 512  # N for the relative-error table (vs a float64 reference)
     io_sram_kb: int = 192  # on-chip memory M per SM for --mode io (A100/H100: 192/228 KB)
@@ -109,6 +111,7 @@ PRESETS = {
                  max_iters=20, warmup_iters=2, lr_decay_iters=20, eval_interval=10, eval_iters=2,
                  log_interval=5),  # tests
     "cpu": dict(),  # the default: a laptop CPU, minutes
+    "cpu/train": dict(block_q=64, block_k=64),  # T=128 spans several tiles, so the LM runs the tiled loop
     "gpu": dict(bench_sizes="1024,2048,4096,8192,16384", bench_batch=4, bench_heads=16, bench_repeats=10,
                 accuracy_n=2048, block_q=128, block_k=64, attn_impls="naive,triton", n_layer=6, n_head=6,
                 n_embd=384, block_size=256, batch_size=64, max_iters=2000, lr_decay_iters=2000,
@@ -139,6 +142,8 @@ def check_config(cfg):
     if not all(s.strip().isdigit() and int(s) > 0 for s in cfg.bench_sizes.split(",")):
         raise ValueError(f"--bench_sizes must be a comma-separated list of positive integers, "
                          f"not {cfg.bench_sizes!r}")
+    if cfg.bench_tiles and not re.fullmatch(r"[1-9]\d*x[1-9]\d*(,[1-9]\d*x[1-9]\d*)*", cfg.bench_tiles):
+        raise ValueError(f"--bench_tiles must list B_rxB_c tiles such as 64x64,128x128, not {cfg.bench_tiles!r}")
     impls = cfg.attn_impls.split(",")
     unknown = [name for name in impls if name not in ATTN_IMPLS]
     if unknown:
@@ -220,7 +225,8 @@ def tile_mask(r0, r1, c0, c1, offset, causal=False, window=None, device=None):
     rows = torch.arange(r0, r1, device=device)[:, None]  # (B_r, 1)
     cols = torch.arange(c0, c1, device=device)[None, :]  # (1, B_c)
     lo, hi = _bounds(rows, offset, causal, window)
-    return (cols >= lo) & (cols <= hi)  # (B_r, B_c)
+    # With no causal mask and no window both bounds are infinite and broadcasting alone gives (1, B_c).
+    return ((cols >= lo) & (cols <= hi)).expand(r1 - r0, c1 - c0).contiguous()  # (B_r, B_c)
 
 
 def attention_mask(n_q, n_k, causal=False, window=None, layout=None, block_q=64, block_k=64, device=None):
@@ -836,18 +842,20 @@ def attention_flops(batch, heads, n, d, causal):
     return 4 * batch * heads * n * n * d // (2 if causal else 1)
 
 
-def time_ms(fn, device, repeats):
-    """Median wall time of fn() in milliseconds, after one warm-up call (kernel compilation, caches)."""
+def time_ms(fns, device, repeats):
+    """Median wall time in milliseconds of each fn() in the list `fns`, over `repeats` rounds after a
+    warm-up round (kernel compilation, caches). One call of each per round, round-robin: a load that
+    comes and goes on a shared machine slows them all alike, so their ratios stay meaningful."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+    times = [[] for _ in fns]
+    for _ in range(repeats + 1):
+        for fn, t in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t.append(1000 * (time.perf_counter() - t0))
+    return [sorted(t[1:])[repeats // 2] for t in times]  # t[0]: the warm-up round
 
 
 def saved_bytes(fn, *inputs):
@@ -931,10 +939,35 @@ BENCH_COLUMNS = [("N", "N", "{}"), ("impl", "impl", "{}"), ("fwd_ms", "fwd ms", 
                  ("fwd_bwd_peak_mib", "fwd+bwd peak MiB (CUDA)", "{:.1f}")]
 
 
+def bench_tiles(cfg) -> list:
+    """--mode bench --bench_tiles=64x64,256x256: per N, the median forward+backward ms (float32) of
+    flash_attention with each B_r x B_c tile and of sdpa, called alternately (time_ms), each one's
+    ratio to sdpa, and how far the outputs lie from the first tile's (the same sums in another order)."""
+    device, B, H, d = setup_device(cfg)[0], cfg.bench_batch, cfg.bench_heads, cfg.bench_head_dim
+    names, rows, causal = cfg.bench_tiles.split(",") + ["sdpa"], [], cfg.bench_causal
+    fns = [attention_fn("flash", causal, *map(int, t.split("x"))) for t in names[:-1]]
+    fns.append(attention_fn("sdpa", causal))
+    print(f"fwd+bwd ms, median of {cfg.bench_repeats} rounds ({device}, {torch.get_num_threads()} threads, B={B}, "
+          f"H={H}, d={d}, causal={causal}), (x sdpa's time)")
+    for n in [int(s) for s in cfg.bench_sizes.split(",")]:
+        q, k, v = _qkv(B, H, n, d, torch.float32, device)
+        do = torch.randn_like(q)
+        ms = time_ms([lambda fn=fn: fn(q, k, v).backward(do) for fn in fns], device, cfg.bench_repeats)
+        with torch.no_grad():
+            o = fns[0](q, k, v)
+            diff = max([(fn(q, k, v) - o).abs().max().item() for fn in fns[1:-1]], default=0.0)
+        rows.append({"N": n, **dict(zip(names, ms)), "max_diff": diff})
+        print(f"N={n}: " + ", ".join(f"{name} {t:.1f} ({t / ms[-1]:.2f}x)" for name, t in zip(names, ms)) +
+              f"; outputs within {diff:.1e} of {names[0]}'s")
+    return rows
+
+
 def bench(cfg) -> dict:
     """--mode bench: for each N, every implementation's forward and forward+backward time, FLOP/s,
     the bytes it saves for the backward pass (and on CUDA the allocator's peak), then the accuracy
-    table; printed as markdown and saved to out_dir/bench.{md,json,png}."""
+    table; printed as markdown and saved to out_dir/bench.{md,json,png}. --bench_tiles: bench_tiles."""
+    if cfg.bench_tiles:
+        return bench_tiles(cfg)
     device, ctx, _ = setup_device(cfg)
     dtype = ctx.fast_dtype if isinstance(ctx, torch.autocast) else torch.float32
     B, H, d, causal = cfg.bench_batch, cfg.bench_heads, cfg.bench_head_dim, cfg.bench_causal
@@ -958,8 +991,8 @@ def bench(cfg) -> dict:
             row = {"N": n, "impl": name}
             try:
                 with torch.no_grad():
-                    row["fwd_ms"] = time_ms(lambda: fn(q, k, v), device, cfg.bench_repeats)
-                row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, cfg.bench_repeats)
+                    [row["fwd_ms"]] = time_ms([lambda: fn(q, k, v)], device, cfg.bench_repeats)
+                [row["fwd_bwd_ms"]] = time_ms([fwd_bwd], device, cfg.bench_repeats)
                 row["fwd_gflops"] = flops / row["fwd_ms"] / 1e6
                 row["fwd_bwd_gflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e6
                 row["saved_mib"] = saved_bytes(fn, q, k, v) / 2**20

@@ -198,6 +198,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    gelu: str = "exact"  # exact: a Phi(a) | tanh: GPT-2's approximation of it (Hendrycks & Gimpel 2016, sec. 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -245,7 +246,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = nn.Sequential()  # named like nanoGPT's MLP, so its checkpoints load as they are
         self.mlp.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.mlp.gelu = nn.GELU()  # the exact erf form, as 03_gpt.py (GPT-2 used the tanh one)
+        self.mlp.gelu = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
         self.mlp.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -504,9 +505,14 @@ def ppo_update(policy, value_head, batch, optimizer, step_fn, epochs=4, minibatc
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # anthropics/hh-rlhf on GitHub keeps these files in Git LFS; the Hugging Face mirror serves the bytes.
-HH_RLHF_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/{split}.jsonl.gz"
+HH_RLHF_PATH = "datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/{split}.jsonl.gz"
 HH_RLHF_SHA256 = {"test": "8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b"}
-GPT2_URL = "https://huggingface.co/gpt2/resolve/main/model.safetensors"
+GPT2_PATH = "gpt2/resolve/main/model.safetensors"
+
+
+def hf_url(path):
+    """A Hub file's URL, on the mirror that HF_ENDPOINT names if set (as huggingface_hub reads it)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/" + path
 
 
 def make_tokenizer(spec):
@@ -555,7 +561,7 @@ def hh_rlhf_tensors(cfg, tok, split):
     prompt and the first R tokens of each response; shorter ones are dropped. This keeps every
     tensor in the script unpadded, at the price of judging truncated answers."""
     path = os.path.join(cfg.data_dir, "hh-rlhf", "helpful-base", f"{split}.jsonl.gz")
-    download(HH_RLHF_URL.format(split=split), path, HH_RLHF_SHA256.get(split), magic=b"\x1f\x8b")
+    download(hf_url(HH_RLHF_PATH.format(split=split)), path, HH_RLHF_SHA256.get(split), magic=b"\x1f\x8b")
     P, R, rows = cfg.prompt_len, cfg.response_len, []
     for prompt, chosen, rejected in load_hh_rlhf(path):
         p, c, r = tok.encode(prompt), tok.encode(chosen), tok.encode(rejected)
@@ -629,7 +635,7 @@ def gpt2_checkpoint(path):
     (V, C), T = sd["transformer.wte.weight"].shape, sd["transformer.wpe.weight"].shape[0]
     n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
     args = dict(block_size=T, vocab_size=V, n_layer=n_layer, n_head=max(1, C // 64), n_embd=C, dropout=0.0,
-                bias=True, pos="learned")
+                bias=True, pos="learned", gelu="tanh")  # GPT-2's own GELU, so the model computes GPT-2
     return {"model": sd, "model_args": args, "tokenizer": {"kind": "gpt2"}}
 
 
@@ -638,10 +644,10 @@ def gpt_from_checkpoint(ckpt, path="checkpoint"):
     c_attn Linear; it is split into q_proj, k_proj, v_proj here (see CausalSelfAttention)."""
     if not {"model", "model_args", "tokenizer"} <= set(ckpt):
         raise UserError(f"{path} is not a 03_gpt.py model checkpoint (needs keys model, model_args, tokenizer)")
-    args = ckpt["model_args"]
-    if args.get("pos", "learned") != "learned":
-        raise UserError(f"{path} uses pos={args['pos']!r}; this script's GPT implements learned "
-                        f"absolute positions only (train 03_gpt.py with --pos=learned)")
+    args = {"gelu": "exact", **ckpt["model_args"]}  # 03's checkpoints before the gelu key used the exact form
+    if args.get("pos", "learned") != "learned" or args["gelu"] not in ("exact", "tanh"):
+        raise UserError(f"{path} has pos={args.get('pos')!r}, gelu={args['gelu']!r}; this script's GPT implements "
+                        f"learned absolute positions only, with the exact or tanh GELU (03_gpt.py --pos=learned)")
     model, sd = GPT(GPTConfig(**{f.name: args[f.name] for f in dataclasses.fields(GPTConfig)})), {}
     for name, t in ckpt["model"].items():
         if ".attn.c_attn." in name:  # weight (3C, C), bias (3C,): q, k, v stacked
@@ -659,7 +665,7 @@ def load_base(run):
     Hugging Face, or a 03_gpt.py checkpoint."""
     cfg = run.cfg
     if cfg.base == "gpt2":  # no fixed checksum or magic bytes; download() still refuses an HTML page
-        path = download(GPT2_URL, os.path.join(cfg.data_dir, "gpt2", "model.safetensors"))
+        path = download(hf_url(GPT2_PATH), os.path.join(cfg.data_dir, "gpt2", "model.safetensors"))
         ckpt = gpt2_checkpoint(path)
     elif cfg.base == "scratch":
         path = run.path("pretrain")  # checked on the model's shape only: the later stages' flags may change
@@ -724,11 +730,15 @@ def fit(run, stage, model, opt, iters, train_step, validate=None, state=None, re
     checkpoint. `state` (PPO's beta, ...) is saved with the checkpoint and restored in place.
     scale: one step counts as that many for the intervals (a PPO iteration is many steps)."""
     cfg, path, state = run.cfg, run.path(stage), {} if state is None else state
+    gpt = next(mod for mod in model.modules() if isinstance(mod, GPT))  # the policy, or the RM's backbone
     step, best_val, metrics = 0, math.inf, {}
     if required or (cfg.init_from == "resume" and os.path.exists(path)):
         ckpt = resume(path, cfg, model, opt, run.rank, run.world_size, stage)
         step, best_val, metrics = ckpt["step"], ckpt["best_val"], ckpt["metrics"]
         state.update({k: ckpt[k] for k in state})
+        gpt.config.gelu = ckpt.get("gelu", "exact")  # keep the GELU it trained with (06 had only erf before)
+        for block in gpt.transformer.h:
+            block.mlp.gelu.approximate = "tanh" if gpt.config.gelu == "tanh" else "none"
         if required and step < iters:
             raise UserError(f"{path} stopped at step {step} of {iters}: finish it with --mode {stage} "
                             f"--init_from=resume")
@@ -748,7 +758,8 @@ def fit(run, stage, model, opt, iters, train_step, validate=None, state=None, re
         if evaluating:
             if run.master:
                 log_jsonl(cfg, {"stage": stage, "step": step, **metrics})
-                save_checkpoint(path, model, opt, cfg, step, best_val, stage, metrics=metrics, **state)
+                save_checkpoint(path, model, opt, cfg, step, best_val, stage, metrics=metrics, gelu=gpt.config.gelu,
+                                **state)
             run.barrier()
     print(f"rank {run.rank} {stage} fingerprint {fingerprint(model)}\n", end="", flush=True)  # one write per rank
     return metrics

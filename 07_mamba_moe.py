@@ -24,10 +24,10 @@ scan (d_inner = expand * d_model), n state size (d_state); u input (b, l, d); Δ
 A (d, n) with negative entries; B, C (b, l, n); D (d,) skip; Ā = exp(ΔA), B̄ = ΔB; h state (b, d, n).
 Transformer/MoE: B batch, T length, C n_embd, nh heads, hd head dim, V vocab, E experts, k top_k.
 
-References: Mamba arXiv:2312.00752 (§3.2 selection, §3.3 scan, §4.1.1 selective copying); S4
-arXiv:2111.00396; Blelloch 1990 "Prefix sums and their applications"; Martin & Cundy arXiv:1709.04057
-(linear recurrences trained by parallel scan); Switch Transformer arXiv:2101.03961 (§2.2 balancing
-loss, capacity); ST-MoE arXiv:2202.08906 (§3.1 z-loss); Shazeer et al. arXiv:1701.06538 (noisy
+References: Mamba arXiv:2312.00752 (§3.2 selection, §3.3 scan, §4.1.1 selective copying); S4 arXiv:2111.00396;
+Blelloch 1990 "Prefix sums and their applications"; Martin & Cundy arXiv:1709.04057 (linear recurrences trained by
+parallel scan); Switch Transformer arXiv:2101.03961 (§2.1 top-1 gate, §2.2 balancing loss, capacity); Mixtral
+arXiv:2401.04088 (§2.1 top-k gates); ST-MoE arXiv:2202.08906 (§3.1 z-loss); Shazeer et al. arXiv:1701.06538 (noisy
 top-k); DeepSeekMoE arXiv:2401.06066 (shared experts). The tests check the scan against the loop.
 """
 import dataclasses
@@ -451,11 +451,12 @@ def router_z_loss(logits):
 
 
 class MoE(nn.Module):
-    """A Mixture-of-Experts FFN. Each token goes to its top_k experts (softmax router, gates
-    renormalized over the chosen k), plus n_shared always-on experts (DeepSeekMoE §3.2, which we
-    merge into one dense FFN of width n_shared*d_ff: the same function). An expert takes at most
-    capacity = ceil(capacity_factor * N * k / E) tokens; overflow assignments are dropped and that
-    token gets nothing from that expert (the residual carries it past the layer; Switch §2.2).
+    """A Mixture-of-Experts FFN. Each token goes to its top_k experts, weighted by the softmax router's probabilities
+    renormalized over the chosen k (Mixtral §2.1's softmax of the top-k logits) or, for k = 1, by the chosen p_i
+    itself (Switch §2.1 eq. 2; renormalized it would be 1.0, and the task loss would not train the router), plus
+    n_shared always-on experts (DeepSeekMoE §3.2, merged into one dense FFN of width n_shared*d_ff). An expert takes
+    at most capacity = ceil(capacity_factor * N * k / E) tokens; overflow assignments are dropped and that token gets
+    nothing from that expert (the residual carries it past the layer; Switch §2.2).
     forward(x) -> (y, aux) where aux = aux_loss_coef * balancing + z_loss_coef * z-loss."""
 
     def __init__(self, d_model, d_ff, n_experts, top_k, capacity_factor=1.25, n_shared=0,
@@ -484,7 +485,7 @@ class MoE(nn.Module):
             logits = logits + torch.randn_like(logits) * self.router_noise
         probs = F.softmax(logits, dim=-1)  # (N, E)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
-        return logits, probs, top_i, top_p / top_p.sum(-1, keepdim=True)
+        return logits, probs, top_i, top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
 
     def forward(self, x):
         shape, E, k = x.shape, self.n_experts, self.top_k
@@ -512,8 +513,7 @@ class MoE(nn.Module):
         y = torch.zeros_like(x).index_add_(0, token, (out_e[expert * capacity + slot] * gate[:, None]).to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
-        aux = (self.aux_loss_coef * load_balancing_loss(probs, top_i, E)
-               + self.z_loss_coef * router_z_loss(logits))
+        aux = self.aux_loss_coef * load_balancing_loss(probs, top_i, E) + self.z_loss_coef * router_z_loss(logits)
         self.stats = {"load": load.detach(), "drop_rate": 1.0 - keep.float().mean().detach(), "capacity": capacity,
                       "kept_per_expert": torch.bincount(expert, minlength=E).detach()}
         return y.view(shape), aux

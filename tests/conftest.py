@@ -93,6 +93,8 @@ class ScriptResult:
     def __str__(self):
         return f"exit {self.returncode}\n{self.output[-4000:]}"
 
+    __repr__ = __str__  # pytest shows repr() in a failed assert's message: show the output's end
+
 
 def _env(extra=None):
     env = dict(os.environ)

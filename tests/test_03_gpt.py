@@ -2,6 +2,7 @@
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -182,32 +183,98 @@ def test_safetensors_roundtrip(m, tmp_path):
         m.load_safetensors(str(tmp_path / "cut.safetensors"))
 
 
-def test_from_pretrained_local_gpt2_layout(m, tmp_path):
-    """Write a tiny model in Hugging Face's GPT-2 layout (no `transformer.` prefix, Conv1D weights
-    stored (in, out), the causal-mask buffers) and load it back."""
-    cfg = m.GPTConfig(block_size=16, vocab_size=37, n_layer=2, n_head=4, n_embd=32, bias=True)
+def write_gpt2_folder(m, folder, std=0.02, **shape):
+    """A random GPT-2 in Hugging Face's layout (no `transformer.` prefix, Conv1D weights stored (in, out), the
+    causal-mask buffers) as folder/{config.json, model.safetensors} -> (the GPT it holds, its tensors)."""
+    shape = {"block_size": 16, "vocab_size": 37, "n_layer": 2, "n_head": 4, "n_embd": 32, **shape}
     torch.manual_seed(0)
-    ref = m.GPT(cfg).eval()
+    ref = m.GPT(m.GPTConfig(**shape, bias=True, gelu="tanh")).eval()
     with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every tensor matters
-        for name, p in ref.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+        for p in ref.parameters():
+            p.copy_(std * torch.randn_like(p) if p.dim() > 1 else p + 0.1 * torch.randn_like(p))
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    hf = {}
-    for name, t in ref.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        key = name.removeprefix("transformer.")
-        hf[key] = t.t().contiguous() if key.endswith(conv1d) else t
-    for i in range(2):
-        hf[f"h.{i}.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
-    write_safetensors(tmp_path / "model.safetensors", hf)
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"n_positions": 16, "n_ctx": 16, "vocab_size": 37, "n_layer": 2, "n_head": 4, "n_embd": 32}))
+    hf = {name.removeprefix("transformer."): t.t().contiguous() if name.endswith(conv1d) else t
+          for name, t in ref.state_dict().items() if name != "lm_head.weight"}
+    T = shape["block_size"]
+    hf.update({f"h.{i}.attn.bias": torch.ones(1, 1, T, T).tril() for i in range(shape["n_layer"])})
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors", hf)
+    hf_config = {k: shape[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}
+    (folder / "config.json").write_text(json.dumps({"n_positions": T, "n_ctx": T, **hf_config}))
+    return ref, hf
+
+
+def test_from_pretrained_local_gpt2_layout(m, tmp_path):
+    ref, _ = write_gpt2_folder(m, tmp_path)
     loaded = m.GPT.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(37, (2, 16))
     torch.testing.assert_close(loaded(idx, idx)[0], ref(idx, idx)[0], rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def gpt2_reference_logits(hf, idx, n_head):
+    """GPT-2's forward written from its equations (Radford et al. 2019 §2.3; Vaswani et al. 2017 §3) on the
+    Hugging Face tensors, in float64: token + position embeddings, pre-LN blocks of causal softmax attention and
+    an MLP with GELU's tanh form (Hendrycks & Gimpel 2016 §2), a final LayerNorm, the head tied to wte."""
+    w = {k: t.double() for k, t in hf.items()}
+
+    def layer_norm(x, name):  # (x - mean) / sqrt(biased var + 1e-5) * g + b
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
+
+    def conv1d(x, name):  # GPT-2's Conv1D: x W + b, W stored (in, out)
+        return x @ w[name + ".weight"] + w[name + ".bias"]
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    (B, T), C = idx.shape, w["wte.weight"].size(1)
+    hd, causal = C // n_head, torch.ones(T, T, dtype=torch.bool).tril()
+    x = w["wte.weight"][idx] + w["wpe.weight"][:T]  # (B, T, C)
+    for i in range(sum(k.endswith(".ln_1.weight") for k in w)):
+        h = f"h.{i}."
+        q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+                   for t in conv1d(layer_norm(x, h + "ln_1"), h + "attn.c_attn").split(C, dim=-1))
+        att = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + conv1d((att @ v).transpose(1, 2).reshape(B, T, C), h + "attn.c_proj")
+        x = x + conv1d(gelu_tanh(conv1d(layer_norm(x, h + "ln_2"), h + "mlp.c_fc")), h + "mlp.c_proj")
+    return layer_norm(x, "ln_f") @ w["wte.weight"].T  # (B, T, V)
+
+
+def test_from_pretrained_computes_gpt2(m, tmp_path):
+    """Loaded GPT-2 weights run GPT-2's tanh GELU: the logits match its equations to 1e-5 (measured 2e-6), where
+    the exact GELU (the default from scratch) is off by 1e-3, at weights large enough to reach GELU's bend."""
+    _, hf = write_gpt2_folder(m, tmp_path, std=0.2, n_layer=3)
+    loaded = m.GPT.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.gelu == "tanh"
+    idx = torch.randint(37, (4, 16), generator=torch.Generator().manual_seed(1))
+    expected = gpt2_reference_logits(hf, idx, n_head=4)[:, -1].float()  # (B, V)
+    exact = m.GPT(dataclasses.replace(loaded.config, gelu="exact")).eval()
+    exact.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        got, off = loaded(idx)[0][:, -1], exact(idx)[0][:, -1]
+    assert (got - expected).abs().max() <= 1e-5
+    assert (off - expected).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="gelu exact.tanh"):
+        m.GPT(dataclasses.replace(loaded.config, gelu="relu"))
+
+
+def test_checkpoint_keeps_the_gelu_form(m, tmp_path, corpus, monkeypatch):
+    """Fine-tuning GPT-2 saves gelu="tanh" in model_args (06_lora_rlhf.py reads it too), resume and sample get
+    it back, and a checkpoint from before the key existed means the exact form it was trained with."""
+    write_gpt2_folder(m, tmp_path / "gpt2", vocab_size=256)  # byte ids (ByteEncoding) fit
+    monkeypatch.setattr(m, "gpt2_encoding", ByteEncoding)
+    out = tmp_path / "out"
+    m.main(["--preset", "tiny", f"--init_from={tmp_path / 'gpt2'}", f"--dataset={corpus}", "--tokenizer=gpt2",
+            f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=2", "--warmup_iters=1"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["gelu"] == "tanh"
+    sample = m.Config(out_dir=str(out), init_from="resume", mode="sample")
+    assert m.init_model(sample, "cpu")[0].config.gelu == "tanh"
+    del ckpt["model_args"]["gelu"]
+    torch.save(ckpt, out / "ckpt.pt")
+    assert m.init_model(sample, "cpu")[0].config.gelu == "exact"
 
 
 # --- int8 ---------------------------------------------------------------------------------------------
@@ -409,6 +476,12 @@ class ByteEncoding:
     def encode_ordinary(self, text):
         return list(text.encode())
 
+    def encode(self, text, allowed_special=()):
+        return self.encode_ordinary(text)
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
 
 def test_download_and_prepare_corpora(m, tmp_path, http_server, monkeypatch, capsys):
     served = tmp_path / "served"
@@ -450,6 +523,28 @@ def test_download_and_prepare_corpora(m, tmp_path, http_server, monkeypatch, cap
         m.main(["--preset", "tiny", f"--data_dir={raw}", f"--out_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "could not download http://127.0.0.1:9/input.txt" in err and "by hand" in err
+
+
+def test_hf_endpoint_points_downloads_at_a_mirror(m, tmp_path, http_server, monkeypatch):
+    """$HF_ENDPOINT (read when downloading, a trailing slash allowed) replaces https://huggingface.co for
+    GPT-2's weights and TinyStories: a mirror laid out as the Hub is fetched from, and the model loads."""
+    mirror, raw = tmp_path / "mirror", tmp_path / "raw"
+    gpt2 = mirror / "openai-community/gpt2/resolve/main"
+    ref, _ = write_gpt2_folder(m, gpt2)
+    stories = mirror / "datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt"
+    stories.parent.mkdir(parents=True)
+    stories.write_text("<|endoftext|>\n".join(f"Once upon a time {i}.\n" for i in range(12)))
+    monkeypatch.setenv("HF_ENDPOINT", http_server(mirror) + "/")
+    cfg = m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out"), init_from="gpt2", mode="sample")
+    model = m.init_model(cfg, "cpu")[0]
+    for file in ("config.json", "model.safetensors"):
+        assert (raw / "hf/gpt2" / file).read_bytes() == (gpt2 / file).read_bytes()
+    idx = torch.randint(37, (2, 16))
+    torch.testing.assert_close(model(idx, idx)[0], ref(idx, idx)[0], rtol=0, atol=0)
+    monkeypatch.setattr(m, "gpt2_encoding", ByteEncoding)
+    _, meta = m.prepare_data(m.Config(data_dir=str(raw), out_dir=str(tmp_path / "out"), dataset="tinystories"))
+    assert meta["documents"] == 12
+    assert (raw / "tinystories/TinyStories-valid.txt").read_bytes() == stories.read_bytes()
 
 
 def test_download_of_a_proxy_page_is_refused(m, tmp_path, http_server, monkeypatch):

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import struct
+import unicodedata
 import zipfile
 
 import pytest
@@ -51,6 +52,34 @@ def test_basic_tokenizer(m):
     assert bt("我爱NLP 東京") == ["我", "爱", "nlp", "東", "京"]
     assert bt("a\x00b\x07c\td\u3000e\ufffdf\u200b") == ["abc", "d", "ef"]  # NUL, BEL, U+FFFD, ZWSP dropped
     assert bt("  \n ") == []
+
+
+def bert_is_control(c):
+    return c not in "\t\n\r" and unicodedata.category(c) in ("Cc", "Cf")
+
+
+def bert_clean_and_split(text):
+    """Google's tokenization.py, its whitespace path: _clean_text drops NUL, U+FFFD and controls (Cc, Cf but
+    tab, newline, CR) and turns _is_whitespace characters (" \\t\\n\\r", Zs) into spaces; whitespace_tokenize
+    is text.strip().split()."""
+    text = "".join(" " if c in " \t\n\r" or unicodedata.category(c) == "Zs" else c for c in text
+                   if c not in "\x00\ufffd" and not bert_is_control(c))
+    return text.strip().split()
+
+
+def test_whitespace_as_bert_splits(m):
+    """Over all of Unicode: every character str.split() splits on splits words here too, except the controls
+    BERT's _clean_text drops first (\\x0b \\x0c \\x1c-\\x1f \\x85); every character BERT calls whitespace or
+    control is handled as BERT handles it."""
+    spaces = [chr(cp) for cp in range(0x110000) if len(f"a{chr(cp)}b".split()) == 2]
+    for c in spaces:
+        want = ["ab"] if bert_is_control(c) else ["a", "b"]
+        assert m.basic_tokenize(f"a{c}b", lower_case=False) == want, hex(ord(c))
+    assert "\u2028" in spaces and "\u2029" in spaces and sum(map(bert_is_control, spaces)) == 7
+    for c in map(chr, range(0x110000)):
+        if unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cc", "Cf"):
+            assert m.basic_tokenize(f"a{c}b", lower_case=False) == bert_clean_and_split(f"a{c}b"), hex(ord(c))
+    assert m.basic_tokenize("A\u2028B\u2029c") == ["a", "b", "c"]
 
 
 def test_wordpiece_known_answers(m):
@@ -215,6 +244,26 @@ def test_attention_matches_naive_and_gradcheck(m):
     torch.testing.assert_close(attn(x2, mask)[1, :3], attn(x.detach(), mask)[1, :3])
 
 
+def test_attention_mask_any_dtype(m):
+    """The 0/1 mask other tools give (int64, int32, float) or bool: the same outputs, padded positions included,
+    and padding masked (each sequence alone, cut to its length, gives its real positions)."""
+    torch.manual_seed(0)
+    model = m.BERT(vocab_size=30, n_layer=2, n_head=2, n_embd=16, block_size=16, dropout=0.0).eval()
+    idx, seg = torch.randint(5, 30, (3, 7)), torch.tensor([[0] * 4 + [1] * 3] * 3)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 5, 2])[:, None]  # (B, T) bool
+    ref = model(idx, seg, mask)
+    for dtype in (torch.int64, torch.int32, torch.float32):
+        for got, want in zip(model(idx, seg, mask.to(dtype)), ref):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for i, n in enumerate((7, 5, 2)):
+        torch.testing.assert_close(model(idx[i:i + 1, :n], seg[i:i + 1, :n])[2][0], ref[2][i, :n])
+    clf = m.BertClassifier(vocab_size=30, n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.0).eval()
+    torch.testing.assert_close(clf(idx, seg, mask.long()), clf(idx, seg, mask), rtol=0, atol=0)
+    for additive in (torch.zeros(3, 7).masked_fill(~mask, float("-inf")), torch.zeros(3, 7)):  # as SDPA reads it
+        with pytest.raises(ValueError, match="not an additive mask"):  # refused, not misread as padding
+            model(idx, seg, additive)
+
+
 HF_BLOCK = {"attn.query": "attention.self.query", "attn.key": "attention.self.key", "attn.value": "attention.self.value",
             "attn.proj": "attention.output.dense", "ln1": "attention.output.LayerNorm",
             "fc": "intermediate.dense", "proj": "output.dense", "ln2": "output.LayerNorm"}
@@ -283,10 +332,10 @@ def test_from_pretrained_hf_layout(m, tmp_path, http_server, monkeypatch):
         vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=32, type_vocab_size=2, hidden_act="gelu", hidden_dropout_prob=0.0)))
     (hub / "vocab.txt").write_text("\n".join(m.SPECIALS + [f"w{i}" for i in range(35)]) + "\n")
-    base = http_server(tmp_path / "hub")
-    monkeypatch.setattr(m, "HF_URL", base + "/{name}/resolve/main/{file}")
+    monkeypatch.setenv("HF_ENDPOINT", http_server(tmp_path / "hub") + "/")  # a mirror; the slash is dropped
     model = m.bert_from_pretrained("tiny-bert", cache_dir=str(tmp_path / "cache")).eval()
-    assert (tmp_path / "cache" / "tiny-bert" / "model.safetensors").exists()
+    assert {p.name for p in (tmp_path / "cache" / "tiny-bert").iterdir()} == \
+        {"config.json", "vocab.txt", "model.safetensors"}
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     assert model.mlm_decoder.weight.data_ptr() == model.bert.tok.weight.data_ptr()  # tied, one storage
@@ -301,6 +350,17 @@ def test_from_pretrained_hf_layout(m, tmp_path, http_server, monkeypatch):
     save_safetensors({"a": torch.tensor([1.5, -2.25], dtype=torch.bfloat16), "b": torch.zeros(0)}, tmp_path / "h.st")
     got = m.load_safetensors(tmp_path / "h.st")
     assert got["a"].dtype == torch.bfloat16 and got["a"].tolist() == [1.5, -2.25] and got["b"].shape == (0,)
+    # the endpoint is read at each call, without its trailing slash; huggingface.co when HF_ENDPOINT is unset
+    urls = []
+    monkeypatch.setattr(m, "download", lambda url, path: urls.append(url))
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example/")
+    with pytest.raises(m.UserError, match="has no config.json"):
+        m.fetch_pretrained("bert-base-uncased", str(tmp_path / "c2"))
+    monkeypatch.delenv("HF_ENDPOINT")
+    with pytest.raises(m.UserError, match="has no config.json"):
+        m.fetch_pretrained("bert-base-uncased", str(tmp_path / "c2"))
+    assert urls[::3] == ["https://hf-mirror.example/bert-base-uncased/resolve/main/config.json",
+                         "https://huggingface.co/bert-base-uncased/resolve/main/config.json"]
 
 
 def test_grad_ckpt_same_gradients(m):
@@ -524,7 +584,7 @@ def test_downloads_refuse_wrong_content(m, tmp_path, http_server, monkeypatch, c
         (hub / name).write_text(page)
         (site / name).write_text(page)
     base = http_server(site)
-    monkeypatch.setattr(m, "HF_URL", base + "/{name}/resolve/main/{file}")
+    monkeypatch.setenv("HF_ENDPOINT", base)
     monkeypatch.setattr(m, "SST2_URL", base + "/SST-2.zip")
     monkeypatch.setattr(m, "WIKITEXT_URL", base + "/{name}-raw-v1.zip")
     data = tmp_path / "data"

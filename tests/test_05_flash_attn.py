@@ -83,6 +83,17 @@ def test_naive_attention_matches_sdpa_and_mask_semantics(fa):
     assert torch.equal(out[0, 0, :3], torch.zeros(3, 4)) and out.isfinite().all()
 
 
+def test_attention_mask_is_dense_without_any_constraint(fa):
+    """No causal mask, window or layout: still the documented (N_q, N_k) tensor, all True, writable
+    (it was (1, N_k): both bounds infinite, so broadcasting left one row); the same for a tile."""
+    mask = fa.attention_mask(5, 7)
+    assert mask.shape == (5, 7) and mask.dtype == torch.bool and mask.all()
+    mask[0, 0] = False
+    assert mask.sum() == 34
+    assert fa.tile_mask(16, 19, 8, 12, offset=0).shape == (3, 4)
+    assert fa.attention_mask(5, 7, layout=torch.tensor([[True, False]]), block_k=4).sum() == 5 * 4
+
+
 def test_online_softmax(fa):
     torch.manual_seed(0)
     x = torch.randn(4, 7, 100) * 3
@@ -230,16 +241,46 @@ def test_triton_rejects_bad_blocks(triton_errors):
 def test_saved_bytes_linear_for_tiled_quadratic_for_naive(fa, causal):
     """Exact byte counts: naive attention keeps P (B H N^2 float32, plus the N^2 boolean causal
     mask); the tiled version keeps O and L (B H N (d + 1) float32), whatever the tile size."""
-    B, H, d = 2, 3, 16
-    for n in (64, 128):
+    B, H, d, default = 2, 3, 16, fa.parse_args([])
+    for n in (64, 128, 320):
         q, k, v = (torch.randn(B, H, n, d, requires_grad=True) for _ in range(3))
         naive = fa.saved_bytes(lambda q, k, v: fa.naive_attention(q, k, v, causal=causal), q, k, v)
         assert naive == B * H * n * n * 4 + (n * n if causal else 0)
-        for bq, bk in ((16, 16), (32, 8)):
+        for bq, bk in ((16, 16), (32, 8), (default.block_q, default.block_k)):
             tiled = fa.saved_bytes(lambda q, k, v: fa.flash_attention(q, k, v, causal, bq, bk), q, k, v)
             assert tiled == B * H * n * (d + 1) * 4
     with torch.no_grad():  # nothing is saved without autograd
         assert fa.saved_bytes(lambda q, k, v: fa.naive_attention(q, k, v), q, k, v) == 0
+
+
+def test_cpu_default_tiles_give_the_64x64_results(fa):
+    """The bench's default tiles on the cpu preset (128x128: fewer Python-level tile steps, timed
+    with --bench_tiles) add the same terms in another order: outputs within 1e-6 of the old 64x64
+    tiles, gradients within 1e-6 relative. --mode train keeps 64x64: T=128 still spans several tiles."""
+    cfg = fa.parse_args([])
+    assert (cfg.block_q, cfg.block_k) == (128, 128)
+    assert (fa.parse_args(["--mode=train"]).block_q, fa.parse_args(["--preset=gpu"]).block_q) == (64, 128)
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 700, 64) for _ in range(4))
+    for causal in (True, False):
+        new = attention_and_grads(lambda q, k, v: fa.flash_attention(q, k, v, causal, 128, 128), q, k, v, do)
+        old = attention_and_grads(lambda q, k, v: fa.flash_attention(q, k, v, causal, 64, 64), q, k, v, do)
+        assert (new[0] - old[0]).abs().max() <= 1e-6, causal  # |O| <= 3 here; |dK|, |dV| up to 6
+        assert all(rel(a, b) <= 1e-6 for a, b in zip(new, old)), causal
+
+
+def test_time_ms_alternates_and_bench_tiles(fa, tmp_path, capsys):
+    """time_ms calls its functions round-robin (one warm-up round, then `repeats` timed rounds), so
+    a load on a shared machine hits all alike; --bench_tiles times tile sizes that way against sdpa."""
+    calls = []
+    ms = fa.time_ms([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", 3)
+    assert calls == ["a", "b"] * 4 and len(ms) == 2 and min(ms) >= 0
+    [row] = fa.main(["--preset=tiny", f"--out_dir={tmp_path}", "--bench_sizes=96", "--bench_heads=1",
+                     "--bench_tiles=16x16,32x64", "--bench_repeats=2"])
+    assert set(row) == {"N", "16x16", "32x64", "sdpa", "max_diff"} and row["N"] == 96
+    assert 0 < row["max_diff"] < 1e-6 and min(row["16x16"], row["32x64"], row["sdpa"]) > 0
+    out = capsys.readouterr().out
+    assert "median of 2 rounds" in out and "32x64 " in out and "(1.00x)" in out
 
 
 def test_flops_and_io_formulas(fa, tmp_path, capsys):
@@ -365,6 +406,7 @@ def test_missing_data_offline(fa, tmp_path, monkeypatch, capsys):
     (["--eval_interval=0"], 2, "--eval_interval must be > 0"),  # was: ZeroDivisionError
     (["--learning_rate=-1"], 2, "--learning_rate must be > 0"),
     (["--block_q=0"], 2, "--block_q must be > 0"),
+    (["--bench_tiles=64x64,0x8"], 2, "--bench_tiles must list B_rxB_c tiles"),
     (["--window=-1"], 2, "--window must be >= 0"),
     (["--bench_repeats=0"], 2, "--bench_repeats must be > 0"),
     (["--min_lr=0.1"], 2, "--min_lr=0.1 is above --learning_rate=0.001"),
@@ -403,7 +445,7 @@ def test_help_names_every_flag_with_its_meaning(fa, capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--preset=cpu" in out
     assert "--attn_impls=naive,flash" in out and "implementations trained one after the other" in out
-    assert "over all ranks" in out and "--block_q=64" in out and "B_r: query rows per tile" in out
+    assert "over all ranks" in out and "--block_q=128" in out and "B_r: query rows per tile" in out
 
 
 def test_foreign_truncated_and_unsafe_checkpoints_are_refused(fa, tmp_path, capsys):

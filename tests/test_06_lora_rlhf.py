@@ -114,7 +114,12 @@ def test_apply_lora_disable_adapters_save_load(m, tmp_path):
 
 
 # --- Model and checkpoint formats --------------------------------------------------------------
-def naive_gpt_logits(sd, idx, n_head, conv1d=False, prefix="transformer."):
+def tanh_gelu(a):
+    """GELU's tanh approximation, which GPT-2 computes (Hendrycks & Gimpel 2016, sec. 2)."""
+    return 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3)))
+
+
+def naive_gpt_logits(sd, idx, n_head, conv1d=False, prefix="transformer.", gelu=F.gelu):
     """A GPT-2 forward written from the fused-qkv weights with an explicit masked softmax."""
     W = (lambda name: sd[name].t()) if conv1d else (lambda name: sd[name])  # Conv1D stores (in, out)
     B, T = idx.shape
@@ -131,7 +136,7 @@ def naive_gpt_logits(sd, idx, n_head, conv1d=False, prefix="transformer."):
         y = (att @ v).transpose(1, 2).reshape(B, T, C)
         x = x + y @ W(h + "attn.c_proj.weight").t() + sd[h + "attn.c_proj.bias"]
         a = ln(x, h + "ln_2") @ W(h + "mlp.c_fc.weight").t() + sd[h + "mlp.c_fc.bias"]
-        x = x + F.gelu(a) @ W(h + "mlp.c_proj.weight").t() + sd[h + "mlp.c_proj.bias"]
+        x = x + gelu(a) @ W(h + "mlp.c_proj.weight").t() + sd[h + "mlp.c_proj.bias"]
     return ln(x, prefix + "ln_f") @ sd[prefix + "wte.weight"].t()
 
 
@@ -161,16 +166,21 @@ def test_reads_03_gpt_checkpoint_and_matches_naive_forward(m, tmp_path):
             "tokenizer": {"kind": "char", "chars": "abcdefghij "}}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     model, tok = m.gpt_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert model.config.gelu == "exact"  # no gelu key: 03 saved it before the key existed, with the erf form
     idx = torch.randint(11, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), naive_gpt_logits(sd, idx, 2), atol=1e-5, rtol=1e-5)
+        tanh = m.gpt_from_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "gelu": "tanh"}})[0]
+        assert tanh.config.gelu == "tanh"  # 03's model loaded from GPT-2 files
+        torch.testing.assert_close(tanh(idx), naive_gpt_logits(sd, idx, 2, gelu=tanh_gelu), atol=1e-5, rtol=1e-5)
         # KV-cache sampling path == full forward: prefill 5 tokens, then one at a time
         cache = [{} for _ in model.transformer.h]
         steps = [model(idx[:, :5], cache)] + [model(idx[:, t:t + 1], cache) for t in range(5, 12)]
         torch.testing.assert_close(torch.cat(steps, 1), model(idx), atol=1e-5, rtol=1e-5)
     assert m.make_tokenizer(tok).decode([0, 10, 1]) == "a b"
-    with pytest.raises(m.UserError, match="learned absolute positions only"):
-        m.gpt_from_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], "pos": "rope"}})
+    for bad in ({"pos": "rope"}, {"gelu": "erf"}):
+        with pytest.raises(m.UserError, match="learned absolute positions only, with the exact or tanh GELU"):
+            m.gpt_from_checkpoint({**ckpt, "model_args": {**ckpt["model_args"], **bad}})
     # --base reads it through load_checkpoint(script="03_gpt"): a checkpoint of another script is refused
     run = SimpleNamespace(cfg=m.Config(base=str(tmp_path / "ckpt.pt")), device="cpu", tok=None)
     torch.testing.assert_close(m.load_base(run)(idx), model(idx))
@@ -195,21 +205,20 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
+def gpt2_hf_tensors():
+    """A tiny GPT-2 in Hugging Face's layout: no "transformer." prefix, Conv1D (in, out) weights."""
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    hf = {k.removeprefix("transformer."): v.t().contiguous() if k.endswith(conv1d) else v
+          for k, v in nanogpt_state_dict(n_layer=1, C=64, V=11, T=8).items() if k != "lm_head.weight"}
+    return {**hf, "h.0.attn.bias": torch.ones(1, 1, 8, 8)}
+
+
 def test_safetensors_reader_and_gpt2_conversion(m, tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16()}
     write_safetensors(tmp_path / "x.safetensors", tensors)
     got = m.load_safetensors(tmp_path / "x.safetensors")
     assert set(got) == set(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
-    # a tiny GPT-2 in Hugging Face's layout: no "transformer." prefix, Conv1D (in, out) weights
-    sd = nanogpt_state_dict(n_layer=1, C=64, V=11, T=8)
-    hf = {}
-    for k, v in sd.items():
-        if k == "lm_head.weight":
-            continue
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            v = v.t().contiguous()
-        hf[k.removeprefix("transformer.")] = v
-    hf["h.0.attn.bias"] = torch.ones(1, 1, 8, 8)
+    hf = gpt2_hf_tensors()
     write_safetensors(tmp_path / "gpt2.safetensors", hf)
     # a header length past the end of the file (an HTML page, a cut download) is refused, not allocated
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
@@ -219,11 +228,13 @@ def test_safetensors_reader_and_gpt2_conversion(m, tmp_path):
     with pytest.raises(m.UserError, match="header is not JSON"):
         m.load_safetensors(tmp_path / "bad.safetensors")
     model, tok = m.gpt_from_checkpoint(m.gpt2_checkpoint(tmp_path / "gpt2.safetensors"))
-    assert tok == {"kind": "gpt2"} and model.config.n_head == 1
-    idx = torch.randint(11, (2, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(model(idx), naive_gpt_logits(hf, idx, 1, conv1d=True, prefix=""),
-                                   atol=1e-5, rtol=1e-5)
+    assert tok == {"kind": "gpt2"} and model.config.n_head == 1 and model.config.gelu == "tanh"
+    idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # GPT-2 with GELU's tanh approximation, as trained; the exact erf form is another model
+        got = model(idx)[:, -1]
+        want = naive_gpt_logits(hf, idx, 1, conv1d=True, prefix="", gelu=tanh_gelu)[:, -1]
+        erf = naive_gpt_logits(hf, idx, 1, conv1d=True, prefix="")[:, -1]
+    assert (got - want).abs().max() <= 1e-5 < (got - erf).abs().max()
 
 
 # --- Hand-computed values ----------------------------------------------------------------------
@@ -356,7 +367,8 @@ def test_cli_all_tiny_then_resume_a_stage(m, tiny_run, tmp_path):
     for stage in STAGES + ("prefs",):  # every file says which script and stage wrote it
         ckpt = m.load_checkpoint(str(out / f"{stage}.pt"), cfg, stage)
         assert ckpt["script"] == NAME and ckpt["stage"] == stage
-    assert m.load_checkpoint(str(out / "pretrain.pt"), cfg, "pretrain")["model_args"]["pos"] == "learned"
+    args = m.load_checkpoint(str(out / "pretrain.pt"), cfg, "pretrain")["model_args"]
+    assert args["pos"] == "learned" and args["gelu"] == "exact"  # 06's own char GPT keeps the exact GELU
     adapter = torch.load(out / "sft_adapter.pt", weights_only=True)
     assert adapter and all(".lora_" in k for k in adapter)  # only the adapters ship
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -395,6 +407,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(m, tmp_path):
     a, b = (torch.load(tmp_path / d / "sft.pt", weights_only=True) for d in "ab")
     assert b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["metrics"]["val_loss"] == a["metrics"]["val_loss"]
+
+
+def test_stage_checkpoints_keep_the_gelu_form(m, tmp_path):
+    """A stage saves its GELU form and resumes with it, whatever form the model it is rebuilt from has;
+    a stage checkpoint without the key was written when 06 had only the exact form."""
+    cfg = m.Config(out_dir=str(tmp_path), init_from="resume")
+    run = SimpleNamespace(cfg=cfg, path=lambda stage: str(tmp_path / f"{stage}.pt"), rank=0, world_size=1,
+                          master=True, barrier=lambda: None)
+    model, idx = tiny_gpt(m), torch.randint(11, (2, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    m.fit(run, "sft", model, opt, 1, lambda step: {})  # nothing to resume: one step, then saved
+    assert torch.load(run.path("sft"), weights_only=True)["gelu"] == "exact"
+    for saved, want in (({"gelu": "tanh"}, "tanh"), ({}, "exact")):
+        m.save_checkpoint(run.path("sft"), model, opt, cfg, 1, 1.0, "sft", metrics={}, **saved)
+        m.fit(run, "sft", model, opt, 1, None)  # resumed at its last step: nothing to train
+        with torch.no_grad():
+            assert model.config.gelu == want and torch.equal(model(idx), tiny_gpt(m, gelu=want)(idx))
 
 
 @pytest.mark.ddp
@@ -507,19 +536,46 @@ def test_download_and_offline_message(m, tmp_path, http_server, monkeypatch):
         m.shakespeare_text(m.Config(data_dir=str(tmp_path / "empty")))
 
 
+HF_HH_TRAIN = "datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz"  # paths on the Hub
+HF_GPT2 = "gpt2/resolve/main/model.safetensors"
+
+
+def hf_mirror(monkeypatch, http_server, folder, files):
+    """Serve {path on the Hub: bytes} from `folder` and point HF_ENDPOINT at it (with a trailing slash,
+    which is dropped) -> its URL. An attempt to reach huggingface.co itself fails at once (no proxy there)."""
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    monkeypatch.setenv("HF_ENDPOINT", http_server(folder) + "/")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    return os.environ["HF_ENDPOINT"][:-1]
+
+
+def test_downloads_honour_hf_endpoint(m, tmp_path, http_server, monkeypatch):
+    """A Hugging Face mirror (HF_ENDPOINT, for a filtered connection) serves GPT-2 and HH-RLHF."""
+    write_safetensors(tmp_path / "gpt2.safetensors", gpt2_hf_tensors())
+    ex = {"chosen": "\n\nHuman: hi\n\nAssistant: ab ab", "rejected": "\n\nHuman: hi\n\nAssistant: ba ba"}
+    hf_mirror(monkeypatch, http_server, tmp_path / "mirror", {HF_HH_TRAIN: gzip.compress(json.dumps(ex).encode()),
+                                                               HF_GPT2: (tmp_path / "gpt2.safetensors").read_bytes()})
+    monkeypatch.setattr(m, "make_tokenizer", lambda spec: spec)  # GPT-2's BPE files are not needed here
+    cfg = m.Config(data_dir=str(tmp_path / "d"), base="gpt2", prompt_len=2, response_len=2)
+    model = m.load_base(SimpleNamespace(cfg=cfg, device="cpu", tok=None))
+    got = tmp_path / "d" / "gpt2" / "model.safetensors"
+    assert got.read_bytes() == (tmp_path / "gpt2.safetensors").read_bytes() and model.config.gelu == "tanh"
+    p, c, r = m.hh_rlhf_tensors(cfg, SimpleNamespace(encode=lambda text: list(text.encode())), "train")
+    assert (p.tolist(), c.tolist(), r.tolist()) == ([list(b"t:")], [list(b" a")], [list(b" b")])
+
+
 def test_downloads_without_a_checksum_refuse_a_portal_page(m, tmp_path, http_server, monkeypatch):
     """--prefs=hh-rlhf (train split: no pinned sha256) and --base=gpt2 behind a captive portal: the
     HTML page is not kept, and the message names the URL and where to put the file by hand."""
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / "portal").write_text("<!DOCTYPE html><html><body>Please log in</body></html>")
-    url = http_server(served)
-    monkeypatch.setattr(m, "HH_RLHF_URL", f"{url}/portal?{{split}}")
-    monkeypatch.setattr(m, "GPT2_URL", f"{url}/portal")
+    portal = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+    url = hf_mirror(monkeypatch, http_server, tmp_path / "served", {HF_HH_TRAIN: portal, HF_GPT2: portal})
     cfg = m.Config(data_dir=str(tmp_path / "d"), base="gpt2")
-    with pytest.raises(m.UserError, match=r"(?s)portal\?train did not send .*not start with b'\\x1f\\x8b'.*by hand"):
+    hh, gpt2 = (re.escape(f"{url}/{path} did not send") for path in (HF_HH_TRAIN, HF_GPT2))
+    with pytest.raises(m.UserError, match=rf"(?s){hh} .*not start with b'\\x1f\\x8b'.*by hand"):
         m.hh_rlhf_tensors(cfg, m.make_tokenizer(dict(kind="char", chars="ab")), "train")
-    with pytest.raises(m.UserError, match=r"(?s)portal did not send the expected file \(it is an HTML page\)"):
+    with pytest.raises(m.UserError, match=rf"(?s){gpt2} the expected file \(it is an HTML page\)"):
         m.load_base(SimpleNamespace(cfg=cfg, device="cpu", tok=None))
     assert not [p for p in (tmp_path / "d").rglob("*") if p.is_file()]  # nothing left behind
     # a file already there but cut short is refused by its reader with one line, too

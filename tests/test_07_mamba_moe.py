@@ -185,6 +185,24 @@ def test_gates_of_chosen_experts_sum_to_one(m):
     torch.testing.assert_close(probs.sum(-1), torch.ones(20))
 
 
+def test_top1_output_is_router_probability_times_expert_so_the_task_loss_trains_the_router(m):
+    """Switch §2.1 eq. 2: y = p_i(x) E_i(x). A gate renormalized over one expert is always 1.0, and the
+    router's gradient from the task loss was ~0: it learned from the auxiliary losses only."""
+    torch.manual_seed(0)
+    moe = m.MoE(d_model=8, d_ff=12, n_experts=4, top_k=1, capacity_factor=1.0, aux_loss_coef=0.0, z_loss_coef=0.0)
+    x = torch.randn(64, 8)
+    y, aux = moe(x)
+    assert aux.item() == 0 and moe.stats["drop_rate"] > 0
+    p, e = F.softmax(x @ moe.router.weight.t(), dim=-1).max(-1)  # (N,) each token's top expert
+    h = F.gelu(torch.einsum("nc,ncf->nf", x, moe.w1[e]) + moe.b1[e, 0])
+    expected = p[:, None] * (torch.einsum("nf,nfc->nc", h, moe.w2[e]) + moe.b2[e, 0])
+    kept = (y != 0).any(-1)  # dropped tokens get exactly 0
+    assert kept.sum() == moe.stats["kept_per_expert"].sum() < 64
+    torch.testing.assert_close(y[kept], expected[kept])
+    F.mse_loss(y, torch.randn(64, 8)).backward()  # a task loss computed from the output alone
+    assert moe.router.weight.grad.norm() > 1e-3  # 0.021 here; 3e-9 with the renormalized gate
+
+
 def test_one_expert_top1_equals_dense_ffn(m):
     torch.manual_seed(0)
     moe = m.MoE(d_model=8, d_ff=16, n_experts=1, top_k=1, capacity_factor=1.0)
