@@ -192,11 +192,15 @@ def test_teacher_forced_forward_equals_step_by_step(mod, attn):
     torch.testing.assert_close(model(src, src_len, tgt_in, teacher_forcing=0.999999), torch.stack(steps, 1))
 
 
+@pytest.mark.learning
 def test_learns_to_reverse_sequences(mod):
+    """Bar from seeds 0-9 on both kernel paths (native, ATEN_CPU_CAPABILITY=default): at a constant
+    learning rate the worst seed reached 0.85, with the cosine decay to 1e-3 every seed reaches 1.000."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = mod.Seq2Seq(10, 10, n_embd=16, n_hidden=32, attn="bahdanau", dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, 150) / 150)))
     for _ in range(150):
         src, src_len, tgt_in, tgt_out = reversal_batch(mod, 32, gen)
         loss = mod.sequence_loss(model(src, src_len, tgt_in), tgt_out)
@@ -204,6 +208,7 @@ def test_learns_to_reverse_sequences(mod):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        decay.step()
     model.eval()
     src, src_len, _, tgt_out = reversal_batch(mod, 200, gen)
     for tokens in (mod.greedy_decode(model, src, src_len, 8)[0], mod.beam_search(model, src, src_len, 3, 8)):
@@ -436,6 +441,7 @@ def corpus_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys):
     common = ["--preset", "tiny", f"--data_dir={corpus_dir}", "--always_save_checkpoint", "--cell=lstm_manual",
               "--teacher_forcing=0.7", "--dropout=0.2"]

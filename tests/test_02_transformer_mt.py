@@ -240,11 +240,15 @@ def test_batcher_budget_coverage_and_ranks(mod):
 
 
 # --- learning -------------------------------------------------------------------------------------
+@pytest.mark.learning
 def test_learns_to_reverse_and_beam1_equals_greedy(mod):
+    """Bar from seeds 0-9 on both kernel paths: at a constant rate after warmup the worst seed reached
+    0.70; with a cosine decay to 0.1x the worst is 0.995."""
     torch.manual_seed(0)
     model = mod.Transformer(16, 64, 4, 2, 128, 0.0, "pre", "sinusoidal", block_size=16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-9)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    warmup = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to 0.1x
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, 250) / 250))))
 
     def batch(n):
         seqs = torch.randint(3, 16, (n, 6))

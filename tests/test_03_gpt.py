@@ -349,6 +349,7 @@ def test_muon_optimizer(m):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.learning
 def test_learns_repetitive_text(m, tmp_path, capsys):
     """A tiny model memorizes a repeated 26-letter pattern: from ln(27)=3.3 to below 0.2 (from a
     local file.txt, which also exercises that dataset path)."""
@@ -365,6 +366,7 @@ def read_log(folder):
     return [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
 
 
+@pytest.mark.learning
 def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
     """Uninterrupted 20 steps (in-process) == 10 steps + resume to 20 (two CLI runs), with Muon (the
     default preset's optimizer: its momentum and AdamW moments must come back from the checkpoint)."""

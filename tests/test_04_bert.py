@@ -414,6 +414,7 @@ def records(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
+@pytest.mark.learning
 def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt")
     write_sst2(tmp_path / "data" / "sst2")

