@@ -144,7 +144,8 @@ RULES = {"mode": MODES, "pos": ("learned", "rope", "alibi"), "attn": ("sdpa", "m
 
 
 def check_config(cfg):
-    """The rules that tie flags together or name a file or folder (parse_args: exit 2 naming the flag)."""
+    """The rules that tie flags together (parse_args: exit 2 naming the flag). A file the flags name is
+    checked when it is read, so a command can be written before the file exists."""
     if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
         raise ValueError(f"--n_embd {cfg.n_embd} must split into --n_head {cfg.n_head} heads of even size "
                          f"(RoPE rotates pairs of channels)")
