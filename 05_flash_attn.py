@@ -1014,11 +1014,11 @@ def bench(cfg) -> dict:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "rows": rows, "accuracy": acc}, f, indent=1)
-    _plot(rows, os.path.join(cfg.out_dir, "bench.png"))
+    _plot(rows, os.path.join(cfg.out_dir, "bench.png"), f"{setup}, {torch.get_num_threads()} threads")
     return {"rows": rows, "accuracy": acc}
 
 
-def _plot(rows, path):
+def _plot(rows, path, setup):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1027,13 +1027,15 @@ def _plot(rows, path):
         print("note: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["impl"] for r in rows):
+    for i, name in enumerate(dict.fromkeys(r["impl"] for r in rows)):
         ok = [r for r in rows if r["impl"] == name and "error" not in r]
-        axes[0].plot([r["N"] for r in ok], [r["fwd_bwd_ms"] for r in ok], "o-", label=name)
-        axes[1].plot([r["N"] for r in ok], [r["saved_mib"] for r in ok], "o-", label=name)
-    for ax, title in zip(axes, ("forward+backward time (ms)", "saved for the backward pass (MiB)")):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length N", title=title)
+        style = dict(marker="os^v"[i % 4], linestyle="-" if i % 2 == 0 else "--", label=name)  # dashed: tiled lies on SDPA
+        axes[0].plot([r["N"] for r in ok], [r["fwd_bwd_ms"] for r in ok], **style)
+        axes[1].plot([r["N"] for r in ok], [r["saved_mib"] for r in ok], **style)
+    for ax, label in zip(axes, ("forward + backward time (ms)", "memory saved for the backward pass (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length N (tokens)", ylabel=label)
         ax.legend()
+    fig.suptitle(f"python 05_flash_attn.py --mode=bench ({setup})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -812,6 +812,8 @@ def plot_lm(cfg, results, histories):
             ax.plot([h[key] for h in hist], [h["val_loss"] for h in hist], marker=".", label=name)
         ax.set(xlabel=xlabel, ylabel="val loss (nats/char)")
         ax.legend()
+    run = f"python 07_mamba_moe.py --mode=lm: {cfg.max_iters} steps, {torch.get_num_threads()} threads"
+    fig.suptitle(f"Character-level tinyshakespeare ({run})", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "lm_curves.png"), dpi=100)
     moes = {n: r for n, r in results.items() if "load_frac" in r}
@@ -822,7 +824,9 @@ def plot_lm(cfg, results, histories):
             xs = [i + j * width for i in range(len(r["load_frac"]))]
             ax.bar(xs, r["load_frac"], width, label=f"{name} (CV {r['load_cv']:.2f})")
         ax.axhline(1 / cfg.n_experts, color="k", ls="--", lw=1, label="uniform")
-        ax.set(xlabel="expert", ylabel="fraction of routed tokens (val)")
+        ax.set(xlabel="expert", ylabel="fraction of routed tokens (val)",
+               title=f"Expert load, top-{cfg.top_k} of {cfg.n_experts} experts\n({run})")
+        ax.title.set_fontsize(9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(cfg.out_dir, "expert_load.png"), dpi=100)

@@ -4,6 +4,7 @@ autograd saves: linear in N for the tiled version, quadratic for the naive one),
 training with naive vs tiled attention, the CLI, DDP, downloads, checkpoints and bad input."""
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -307,6 +308,9 @@ def test_bench_writes_tables(fa, tmp_path):
     text = (tmp_path / "out" / "bench.md").read_text()
     assert "saved for bwd MiB" in text and "| flash | float32 |" in text
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    if importlib.util.find_spec("matplotlib"):  # the README's figure comes from this path
+        png = (tmp_path / "out" / "bench.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 11 * 120  # 11 in at 120 dpi
 
 
 # --- training -----------------------------------------------------------------------------------------------

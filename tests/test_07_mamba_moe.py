@@ -361,7 +361,9 @@ def test_lm_mode_downloads_and_trains(m, tmp_path, http_server, monkeypatch, cap
     recs = read_log(out)
     assert {r["model"] for r in recs} == {"dense", "moe", "moe_nobal", "mamba"}
     assert all("load_cv" in r for r in recs if r["model"].startswith("moe"))
-    assert (out / "lm_curves.png").exists() and (out / "expert_load.png").exists()
+    for name, width in (("lm_curves.png", 1000), ("expert_load.png", 600)):  # inches x 100 dpi
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == width, name
 
 
 def test_missing_data_offline_is_a_clear_error(m, tmp_path, http_server, monkeypatch, capsys):
