@@ -797,8 +797,9 @@ def bench(cfg):
     return rows
 
 
-def plot_lm(cfg, results, histories):
-    """Val loss vs step and vs wall time; the expert-load histogram with and without balancing."""
+def plot_curves(cfg, results, histories):
+    """Val accuracy (copy) or val loss (lm) against step and wall time, to <mode>_curves.png; in lm
+    mode also the expert-load histogram with and without balancing, to expert_load.png."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -806,16 +807,20 @@ def plot_lm(cfg, results, histories):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): skipping the PNGs")
         return
+    copy = cfg.mode == "copy"
+    metric, ylabel = ("val_acc", "val accuracy (tokens recalled)") if copy else ("val_loss", "val loss (nats/char)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, xlabel in zip(axes, ("step", "time_s"), ("step", "training wall time (s)")):
         for name, hist in histories.items():
-            ax.plot([h[key] for h in hist], [h["val_loss"] for h in hist], marker=".", label=name)
-        ax.set(xlabel=xlabel, ylabel="val loss (nats/char)")
+            ax.plot([h[key] for h in hist], [h[metric] for h in hist], marker=".", label=name)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.legend()
-    run = f"python 07_mamba_moe.py --mode=lm: {cfg.max_iters} steps, {torch.get_num_threads()} threads"
-    fig.suptitle(f"Character-level tinyshakespeare ({run})", fontsize=10)
+    run = f"python 07_mamba_moe.py --mode={cfg.mode}: {cfg.max_iters} steps, {torch.get_num_threads()} threads"
+    task = (f"Selective copying, length {cfg.copy_len}, {cfg.copy_tokens} tokens to recall" if copy
+            else "Character-level tinyshakespeare")
+    fig.suptitle(f"{task} ({run})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "lm_curves.png"), dpi=100)
+    fig.savefig(os.path.join(cfg.out_dir, f"{cfg.mode}_curves.png"), dpi=100)
     moes = {n: r for n, r in results.items() if "load_frac" in r}
     if moes:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -861,14 +866,13 @@ def run_comparison(cfg):
         moe = f"{r['load_cv']:>8.3f} {r['drop_rate']:>8.3f}" if "load_cv" in r else f"{'-':>8} {'-':>8}"
         print(f"{name:<10} {r['params']:>9,} {r['step']:>6} {r['val_loss']:>9.4f} {r['val_acc']:>8.4f} "
               f"{r['time_s']:>8.1f} {r['val_loss_equal_time']:>9.4f} {moe}")
-    if cfg.mode == "lm":
-        plot_lm(cfg, results, histories)
-        if "mamba" in results:  # the trained weights, back from the checkpoint through init_model
-            model, _, _ = init_model(cfg, "mamba", task, load=True)
-            torch.manual_seed(cfg.seed)
-            out, _ = model.generate(torch.zeros(1, 1, dtype=torch.long), 200)
-            text = "".join(task.chars[i] for i in out[0].tolist())
-            print(f"\nMamba sample (recurrent step(), constant memory):\n{text}")
+    plot_curves(cfg, results, histories)
+    if cfg.mode == "lm" and "mamba" in results:  # the trained weights, back from the checkpoint through init_model
+        model, _, _ = init_model(cfg, "mamba", task, load=True)
+        torch.manual_seed(cfg.seed)
+        out, _ = model.generate(torch.zeros(1, 1, dtype=torch.long), 200)
+        text = "".join(task.chars[i] for i in out[0].tolist())
+        print(f"\nMamba sample (recurrent step(), constant memory):\n{text}")
     return results
 
 

@@ -308,6 +308,8 @@ def test_cli_copy_resume_equals_uninterrupted(m, tmp_path, capsys):
     assert "val acc" in r.output and "mamba_lti" in r.output and "Traceback" not in r.output
     for name in ("mamba", "mamba_lti", "attn"):
         assert (a / f"ckpt_{name}.pt").exists()
+    png = (a / "copy_curves.png").read_bytes()  # the README's copy figure comes from this path
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1000  # 10 in x 100 dpi
     r = run_script(NAME, *COPY, "--models=mamba", f"--out_dir={a}", "--max_iters=20", "--init_from=resume",
                    timeout=600)
     assert r.returncode == 0, r
