@@ -1149,12 +1149,14 @@ def unwrap(model):
 
 
 def save_checkpoint(path, model, optimizer, cfg, step, best_val, stage=None, **extra):
-    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (extra may
-    replace rng) to a temporary file, then rename it: a crash never destroys the last checkpoint."""
+    """Write {script, stage, model, optimizer, config, step, best_val, rng, **extra} (model and
+    optimizer may be None; extra may replace rng) to a temporary file, then rename it: a crash never
+    destroys the last checkpoint."""
+    weights = None if model is None else unwrap(model).state_dict()
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer else None, "config": dataclasses.asdict(cfg),
+    torch.save({"script": SCRIPT_NAME, "stage": stage or cfg.mode, "model": weights,
+                "optimizer": None if optimizer is None else optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                 "step": step, "best_val": best_val, "rng": rng, **extra}, path + ".tmp")
     os.replace(path + ".tmp", path)
 

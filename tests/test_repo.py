@@ -239,6 +239,9 @@ def test_load_checkpoint_refuses_what_it_should(script, tmp_path):
         mod.load_checkpoint(other, cfg)
     with pytest.raises(mod.UserError, match="no checkpoint at"):
         mod.load_checkpoint(str(tmp_path / "absent.pt"), cfg)
+    mod.save_checkpoint(other, None, None, cfg, 0, 0.0, stage="data", pairs=torch.arange(3))  # no model
+    saved = mod.load_checkpoint(other, cfg, stage="data")
+    assert saved["model"] is None and saved["optimizer"] is None and saved["pairs"].tolist() == [0, 1, 2]
     assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
 
 
