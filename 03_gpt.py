@@ -16,6 +16,7 @@ Run it:
     python 03_gpt.py --mode sample --init_from gpt2 --prompt "Hello"   # OpenAI's GPT-2 124M
     python 03_gpt.py --mode eval --quantize int8       # val loss in float and in int8
     python 03_gpt.py --mode bench | extrapolate | landscape
+    python 03_gpt.py --mode compare --runs=out/03_gpt,out/03_gpt_adamw   # finished runs' losses on one axis
     python 03_gpt.py --help                            # every flag, its default and meaning
 
 Expected result (README.md has the table): the cpu preset reaches val loss 1.73 on shakespeare_char
@@ -66,7 +67,8 @@ class Config:
     out_dir: str = f"out/{SCRIPT_NAME}"  # checkpoints, log.jsonl, derived data (token ids, vocab)
     data_dir: str = os.environ.get("LLM_DATA_DIR", "data")  # raw downloads; read, never modified
     init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | folder
-    mode: str = "train"  # train | sample | eval | bench | extrapolate | landscape
+    mode: str = "train"  # train | sample | eval | bench | extrapolate | landscape | compare
+    runs: str = ""  # --mode compare: the out_dirs of finished runs, comma-separated, drawn on one axis
     dataset: str = "shakespeare_char"  # shakespeare_char | shakespeare | tinystories | owt10k | file.txt
     tokenizer: str = "char"  # char | gpt2: how a --dataset path/to/file.txt is tokenized
     always_save_checkpoint: bool = False  # save at every eval, not only on a new best val loss
@@ -117,9 +119,10 @@ PRESETS = {
                  lr_decay_iters=20, warmup_iters=5, eval_interval=10, eval_iters=2, log_interval=5,
                  num_samples=1, max_new_tokens=20),  # tests
     # the default, a laptop CPU: at a fixed compute budget a narrower model that sees more tokens wins
-    # (Hoffmann et al. 2022), and Muon gets more out of the same steps than AdamW (README, Results)
+    # (Hoffmann et al. 2022), and Muon gets more out of the same steps than AdamW (README, Results).
+    # 7 evaluations draw its loss curve (--mode compare); they use their own batches, not the training RNG
     "cpu": dict(n_layer=4, n_head=4, n_embd=96, block_size=64, batch_size=32, max_iters=600,
-                lr_decay_iters=600, warmup_iters=30, learning_rate=4e-3, min_lr=4e-4, eval_interval=300,
+                lr_decay_iters=600, warmup_iters=30, learning_rate=4e-3, min_lr=4e-4, eval_interval=100,
                 eval_iters=40, optimizer="muon"),
     "nanogpt_cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
                         lr_decay_iters=2000, dropout=0.0, eval_iters=20),  # nanoGPT's README CPU run
@@ -131,7 +134,7 @@ PRESETS = {
 DEFAULT_PRESET = "cpu"
 # Fields that define the model's shape: a checkpoint whose values differ cannot be loaded.
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "dataset")
-MODES = ("train", "sample", "eval", "bench", "extrapolate", "landscape")
+MODES = ("train", "sample", "eval", "bench", "extrapolate", "landscape", "compare")
 RULES = {"mode": MODES, "pos": ("learned", "rope", "alibi"), "attn": ("sdpa", "manual"),
          "optimizer": ("adamw", "muon"), "quantize": ("none", "int8"), "tokenizer": ("char", "gpt2"),
          "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -155,6 +158,8 @@ def check_config(cfg):
         raise ValueError(f"--top_p must be in (0, 1], not {cfg.top_p!r}")
     if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".txt"):
         raise ValueError(f"--dataset {cfg.dataset!r} is neither one of {', '.join(DATASETS)} nor a file.txt")
+    if cfg.mode == "compare" and not cfg.runs:
+        raise ValueError("--mode compare needs --runs=DIR,DIR,...: the out_dirs of finished runs")
 
 
 # --- Milestone: GPT-2, with learned, rotary or ALiBi positions and a KV cache ---------------------
@@ -1044,7 +1049,7 @@ def run_extrapolate(cfg):
             with ctx:
                 logits, _ = model(X, Y)
             per_pos += F.cross_entropy(logits.float().transpose(1, 2), Y, reduction="none").mean(0).cpu()
-    save_plot(cfg, "extrapolate.png", range(T_long), (per_pos / cfg.eval_iters).tolist(), "token position",
+    save_plot(cfg, "extrapolate.png", [(range(T_long), (per_pos / cfg.eval_iters).tolist(), {})], "token position",
               f"val loss (pos={pos})", f"trained at {T} (dashed)", vline=T)
     return result
 
@@ -1068,27 +1073,76 @@ def run_landscape(cfg):
                 p.copy_(theta[n] + alpha * direction[n])
         losses.append(evaluate(model, folder, cfg, ctx, device, splits=("val",))["val"])
         print(f"alpha {alpha:+.1f}: val loss {losses[-1]:.4f}")
-    save_plot(cfg, "landscape.png", alphas, losses, "alpha (step along the direction)", "val loss",
+    save_plot(cfg, "landscape.png", [(alphas, losses, {})], "alpha (step along the direction)", "val loss",
               "1-D loss slice, filter-normalized direction")
     return {"alphas": alphas, "losses": losses}
 
 
-def save_plot(cfg, name, x, y, xlabel, ylabel, title, vline=None):
-    """A line plot to out_dir/name (skipped, with a note, without matplotlib)."""
+def run_compare(cfg):
+    """Finished runs (--runs=DIR,DIR,...) on one axis: train and val loss against steps from each log.jsonl
+    (compare_loss.png) and, when every run has an extrapolate.json, val loss against context length
+    (compare_extrapolate.png). The legend names the flags in which the runs differ, the title the others.
+    -> {legend label: the run's evaluations}"""
+    dirs, logs = cfg.runs.split(","), []
+    base = dataclasses.asdict(Config(**PRESETS[DEFAULT_PRESET]))  # flags equal to these were not given
+    # a field newer than a checkpoint has its default
+    configs = [{**base, **load_checkpoint(os.path.join(d, "ckpt.pt"), stage="train")["config"]} for d in dirs]
+    for d in dirs:
+        with open(os.path.join(d, "log.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if "val_loss" in r and not r.get("final")]
+        start = max((i for i, r in enumerate(evals) if r["step"] == 0), default=0)  # the last run from scratch
+        logs.append(evals[start:])
+    keys = [k for k in base if k not in ("out_dir", "data_dir") and any(c[k] != base[k] for c in configs)]
+    varying = [k for k in keys if len({str(c[k]) for c in configs}) > 1]
+    labels = [" ".join(f"--{k}={c[k]}" for k in varying) or d for c, d in zip(configs, dirs)]
+    title = f"python {SCRIPT_NAME}.py" + "".join(f" --{k}={configs[0][k]}" for k in keys if k not in varying)
+    lines = []
+    for i, (label, evals) in enumerate(zip(labels, logs)):
+        steps = [r["step"] for r in evals]
+        print(f"{label}: val loss {evals[-1]['val_loss']:.4f} at step {steps[-1]}")
+        lines += [(steps, [r["val_loss"] for r in evals], dict(color=f"C{i}", marker=".", label=f"{label}: val")),
+                  (steps, [r["train_loss"] for r in evals], dict(color=f"C{i}", ls="--", label=f"{label}: train"))]
+    save_plot(cfg, "compare_loss.png", lines, "step (optimizer updates)", "loss (nats per token)",
+              f"{title} + the legend's flags")
+    paths, curves = [os.path.join(d, "extrapolate.json") for d in dirs], dict(zip(labels, logs))
+    if not all(map(os.path.exists, paths)):
+        print("(compare_extrapolate.png needs --init_from=resume --mode=extrapolate in every run)")
+        return curves
+    lines = []
+    for label, path in zip(labels, paths):
+        with open(path) as f:
+            r = json.load(f)
+        ks = [k for k in (1, 2, 4) if r[f"{k}x"] is not None]  # learned positions stop at 1x
+        stops = " (no position past the training length)" if len(ks) == 1 else ""
+        lines.append(([k * r["block_size"] for k in ks], [r[f"{k}x"] for k in ks],
+                      dict(marker="o", label=label + stops)))
+    save_plot(cfg, "compare_extrapolate.png", lines, "context length (tokens)", "val loss (nats per token)",
+              f"{title} + the legend's flags,\nthen --init_from=resume --mode=extrapolate (dashed: training length)",
+              vline=r["block_size"], xticks=sorted({x for line in lines for x in line[0]}))
+    return curves
+
+
+def save_plot(cfg, name, lines, xlabel, ylabel, title, vline=None, **axes):
+    """Lines [(x, y, matplotlib style)] on one axis to out_dir/name, 900 px wide (skipped, with a note,
+    without matplotlib); `axes` go to ax.set (xticks=...)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print(f"(matplotlib is not installed: pip install matplotlib to get {name})")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(list(x), y)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for x, y, style in lines:
+        ax.plot(list(x), y, **style)
     if vline is not None:
         ax.axvline(vline, linestyle="--", color="gray")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, **axes)
+    ax.set_title(title, fontsize=10)
+    if any("label" in style for *_, style in lines):
+        ax.legend()
     fig.tight_layout()
     path = os.path.join(cfg.out_dir, name)
-    fig.savefig(path + ".tmp.png")  # then renamed: a crash never leaves half a picture
+    fig.savefig(path + ".tmp.png", dpi=100)  # then renamed: a crash never leaves half a picture
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     print(f"wrote {path}")
@@ -1152,7 +1206,7 @@ def run_bench(cfg):
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None):
     return run_cli({"train": train, "sample": run_sample, "eval": run_eval, "bench": run_bench,
-                    "extrapolate": run_extrapolate, "landscape": run_landscape}, argv)
+                    "extrapolate": run_extrapolate, "landscape": run_landscape, "compare": run_compare}, argv)
 
 
 # --- Plumbing: the same in every script ----------------------------------------------------------

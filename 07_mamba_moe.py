@@ -11,7 +11,7 @@ load-balancing and z losses.
 Run it (--help lists every flag):
     python 07_mamba_moe.py                          # selective copying: Mamba vs LTI vs attention
     python 07_mamba_moe.py --mode lm                # tinyshakespeare: dense vs MoE vs Mamba + PNGs
-    python 07_mamba_moe.py --mode bench             # sequential vs parallel scan, state vs KV cache
+    python 07_mamba_moe.py --mode bench             # sequential vs parallel scan + PNG, state vs KV cache
     python 07_mamba_moe.py --preset gpu --mode lm   # one GPU; eight with DDP:
     torchrun --standalone --nproc_per_node=8 07_mamba_moe.py --preset gpu --mode lm --gradient_accumulation_steps=8
 
@@ -762,7 +762,8 @@ def bench(cfg):
 
     torch.manual_seed(cfg.seed)
     b, d, n, lengths = 1, cfg.expand * cfg.n_embd, cfg.d_state, [int(s) for s in cfg.bench_lengths.split(",")]
-    print(f"scan benchmark on {device} (b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads)\n"
+    setup = f"b={b}, d={d}, n={n}, float32, {torch.get_num_threads()} threads"
+    print(f"scan benchmark on {device} ({setup})\n"
           f"{'l':>6} {'seq fwd ms':>11} {'par fwd ms':>11} {'seq f+b ms':>11} {'par f+b ms':>11} "
           f"{'speed-up f+b':>13} {'max |diff|':>11}")
     rows = []
@@ -794,18 +795,52 @@ def bench(cfg):
         print(f"{T:>7} {state_bytes / 1024:>15.1f} {kv_bytes / 1024:>12.1f}")
         log_jsonl(cfg, {"bench": "memory", "tokens": T, "mamba_state_bytes": state_bytes,
                         "kv_cache_bytes": kv_bytes})
+    plot_scan_bench(cfg, rows, f"{device}, {setup}")
     return rows
 
 
-def plot_curves(cfg, results, histories):
-    """Val accuracy (copy) or val loss (lm) against step and wall time, to <mode>_curves.png; in lm
-    mode also the expert-load histogram with and without balancing, to expert_load.png."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only (Agg), or None with a hint: matplotlib stays optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): skipping the PNGs")
+        return None
+    return plt
+
+
+def plot_scan_bench(cfg, rows, setup):
+    """The scan bench's printed times against l, log-log, to bench_scan.png; each parallel
+    forward+backward point is labelled with its printed speed-up over the loop."""
+    if (plt := pyplot()) is None:
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    lengths = [r["l"] for r in rows]
+    for color, kind, name, marker in (("C0", "par", "parallel scan", "o"), ("C3", "seq", "sequential loop", "s")):
+        for part, label, style in (("fwdbwd", "forward + backward", "-"), ("fwd", "forward", "--")):
+            ax.plot(lengths, [r[f"{kind}_{part}_ms"] for r in rows], color=color, marker=marker, ls=style,
+                    label=f"{name}, {label}")
+    for r in rows:
+        ax.annotate(f"{r['speedup_fwdbwd']:.1f}x", (r["l"], r["par_fwdbwd_ms"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length l (tokens)", ylabel="wall time, best of 5 calls (ms)")
+    ax.set_xticks(lengths, [str(l) for l in lengths])
+    ax.set_xticks([], minor=True)
+    ax.legend(title="numbers: speed-up, loop / parallel scan, forward + backward", title_fontsize=8)
+    ax.set_title(f"python 07_mamba_moe.py --mode=bench --bench_lengths={cfg.bench_lengths}\n({setup})", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(cfg.out_dir, "bench_scan.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_curves(cfg, results, histories):
+    """Val accuracy (copy) or val loss (lm) against step and wall time, to <mode>_curves.png; in lm
+    mode also the expert-load histogram with and without balancing, to expert_load.png."""
+    if (plt := pyplot()) is None:
         return
     copy = cfg.mode == "copy"
     metric, ylabel = ("val_acc", "val accuracy (tokens recalled)") if copy else ("val_loss", "val loss (nats/char)")

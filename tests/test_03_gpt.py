@@ -422,6 +422,51 @@ def test_bench_and_extrapolate_with_alibi(m, tmp_path, corpus):
     assert all(ex[k] is not None and ex[k] < 5 for k in ("1x", "2x", "4x"))
 
 
+def test_evaluating_more_often_leaves_training_alone(m, tmp_path, corpus):
+    """The cpu preset evaluates every 100 steps to draw its loss curve: the same run evaluated every 3 steps
+    (and dropout on, Muon) ends with the same weights and val loss as one evaluated only at the end."""
+    finals = []
+    for every in (20, 3):
+        m.main(["--preset", "tiny", f"--dataset={corpus}", f"--out_dir={tmp_path / str(every)}", "--dropout=0.1",
+                f"--eval_interval={every}", "--optimizer=muon", "--max_new_tokens=5"])
+        finals.append(next(rec for rec in read_log(tmp_path / str(every)) if rec.get("final")))
+    assert finals[0]["fingerprints"] == finals[1]["fingerprints"] and finals[0]["val_loss"] == finals[1]["val_loss"]
+
+
+def png_width(path):
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(png[16:20], "big")
+
+
+def test_compare_draws_finished_runs_on_one_axis(m, tmp_path, corpus, capsys):
+    """The README's two figures come from this path: --mode compare reads each run's log.jsonl (the last run
+    from scratch in it) for the loss curves and, once every run has an extrapolate.json, draws val loss
+    against context length; the legend holds the flags the runs differ in."""
+    pytest.importorskip("matplotlib")
+    common = ["--preset", "tiny", f"--dataset={corpus}", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3",
+              "--max_new_tokens=5"]
+    runs = [tmp_path / pos for pos in ("learned", "rope", "alibi")]
+    for run in runs:
+        m.main(common + [f"--out_dir={run}", f"--pos={run.name}"])
+    m.main(common + [f"--out_dir={runs[0]}", "--pos=learned", "--max_iters=3"])  # a rerun appends to its log
+    compare = ["--mode=compare", f"--runs={','.join(map(str, runs))}", f"--out_dir={tmp_path / 'fig'}"]
+    curves = m.main(compare)
+    assert list(curves) == ["--pos=learned --max_iters=3", "--pos=rope --max_iters=6", "--pos=alibi --max_iters=6"]
+    assert [[rec["step"] for rec in evals] for evals in curves.values()] == [[0, 3], [0, 3, 6], [0, 3, 6]]
+    assert png_width(tmp_path / "fig" / "compare_loss.png") == 900  # 9 in x 100 dpi: README width
+    assert not (tmp_path / "fig" / "compare_extrapolate.png").exists()
+    for run in runs:
+        m.main(common + [f"--out_dir={run}", "--init_from=resume", "--mode=extrapolate"])
+    capsys.readouterr()
+    m.main(compare)
+    assert "--pos=rope --max_iters=6: val loss" in capsys.readouterr().out
+    assert png_width(tmp_path / "fig" / "compare_extrapolate.png") == 900
+    with pytest.raises(SystemExit) as e:
+        m.main(["--mode=compare", f"--runs={runs[1]},{tmp_path / 'nope'}", f"--out_dir={tmp_path / 'fig'}"])
+    assert e.value.code == 1 and "no checkpoint at" in capsys.readouterr().err
+
+
 def test_grad_ckpt_same_gradients(m):
     model = tiny_gpt(m, dropout=0.0).train()
     idx = torch.randint(37, (2, 16))
@@ -614,7 +659,8 @@ def test_foreign_truncated_and_unsafe_checkpoints(m, tmp_path, corpus):
     ("--n_head=5", "--n_embd 96 must split into --n_head 5 heads of even size"),
     ("--min_lr=1", "--min_lr 1.0 must not exceed --learning_rate 0.004"),
     ("--pos=sinusoid", "--pos must be one of learned, rope, alibi, not 'sinusoid'"),
-    ("--mode=dance", "--mode must be one of train, sample, eval, bench, extrapolate, landscape, not 'dance'"),
+    ("--mode=dance", "--mode must be one of train, sample, eval, bench, extrapolate, landscape, compare, not 'd"),
+    ("--mode=compare", "--mode compare needs --runs=DIR,DIR,...: the out_dirs of finished runs"),
     ("--quantize=int4", "--quantize must be one of none, int8, not 'int4'"),
     ("--dtype=float8", "--dtype must be one of auto, float32, bfloat16, float16, not 'float8'"),
     ("--dataset=wikipedia", "--dataset 'wikipedia' is neither one of shakespeare_char"),

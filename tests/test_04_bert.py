@@ -1,5 +1,6 @@
 """Tests for 04_bert.py: tokenizer, masking, NSP pairs, the model against references, from_pretrained
 on a Hugging Face-layout checkpoint written here, learning, the CLI in every mode, resume, DDP, bad input."""
+import importlib.util
 import io
 import json
 import math
@@ -192,6 +193,35 @@ def test_one_sentence_documents_are_mlm_only(m):
     assert loss.item() == pytest.approx(stats["mlm_loss"] + stats["nsp_loss"], rel=1e-5)
 
 
+def test_pack_sentences_keeps_every_token_in_order(m):
+    """--nsp false: sentences end to end in sequences of <= max_len, none split, [SEP] after each
+    document, every token kept in order; a sentence longer than a sequence is truncated; NSP label -100;
+    the same packing every epoch, so a BatchStream runs for many epochs (and resumes anywhere)."""
+    tok = m.BertTokenizer(m.SPECIALS + [f"w{i}" for i in range(60)])
+    rng = random.Random(0)
+    docs = [[[rng.randrange(5, 65) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 5))]
+            for _ in range(30)]
+    packed = m.pack_sentences(docs, tok, max_len=12)
+    assert all(len(ids) <= 12 and ids[0] == tok.cls_id and ids[-1] == tok.sep_id and segs == [0] * len(ids)
+               and y == -100 for ids, segs, y in packed)
+    pieces = [s + [tok.sep_id] * (i == len(doc) - 1) for doc in docs for i, s in enumerate(doc)]
+    assert [t for ids, _, _ in packed for t in ids[1:-1]] == [t for p in pieces for t in p]
+    bounds, at = {0}, 0  # every sequence starts where a sentence starts: none is split
+    for p in pieces:
+        at += len(p)
+        bounds.add(at)
+    at = 0
+    for ids, _, _ in packed:
+        assert at in bounds
+        at += len(ids) - 2
+    assert len(packed) < len(pieces)  # fewer, fuller sequences than sentences
+    long = m.pack_sentences([[list(range(5, 25))], [[7, 8]]], tok, max_len=12)
+    assert [ids for ids, _, _ in long] == [[tok.cls_id] + list(range(5, 15)) + [tok.sep_id],
+                                           [tok.cls_id, 7, 8, tok.sep_id, tok.sep_id]]
+    stream = m.BatchStream(lambda r: packed, 4, seed=0)
+    assert all(len(stream.get(i)) == 4 for i in range(5 * stream.n_batches))  # five epochs, no IndexError
+
+
 def test_evaluate_weights_each_statistic_by_what_it_counts(m):
     """MLM statistics are means over masked tokens, NSP over sentence pairs, the rest over examples."""
     per_batch = [  # (loss, stats) of pretraining batches
@@ -336,6 +366,8 @@ def test_from_pretrained_hf_layout(m, tmp_path, http_server, monkeypatch):
     model = m.bert_from_pretrained("tiny-bert", cache_dir=str(tmp_path / "cache")).eval()
     assert {p.name for p in (tmp_path / "cache" / "tiny-bert").iterdir()} == \
         {"config.json", "vocab.txt", "model.safetensors"}
+    vocab, lower_case, args, state = m.load_pretrained(m.Config(init_from="tiny-bert", data_dir=str(tmp_path / "d")))
+    assert len(vocab) == 40 and lower_case and args["n_layer"] == 2 and state.keys() == ref.state_dict().keys()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     assert model.mlm_decoder.weight.data_ptr() == model.bert.tok.weight.data_ptr()  # tied, one storage
@@ -425,7 +457,7 @@ def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
     m.main(common + [f"--out_dir={b}", "--max_iters=30"])  # interrupted at step 30 ...
     m.main(common + [f"--out_dir={b}", "--max_iters=60", "--init_from=resume"])  # ... and resumed
     out = capsys.readouterr().out
-    assert "fill-mask:" in out
+    assert "fill-mask at step 0:" in out and "fill-mask at step " in out
     ra, rb = records(a), records(b)
     assert [r["step"] for r in ra] == [0, 30, 60] and rb[-1]["step"] == 60
     assert ra[-1]["val_loss"] == pytest.approx(rb[-1]["val_loss"], rel=1e-6)
@@ -445,6 +477,67 @@ def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
     d = records(a)[-1]
     assert d["mode"] == "distill" and d["student_params"] < d["teacher_params"], d
     assert d["teacher_acc"] == pytest.approx(ft["acc"]) and d["student_acc"] >= 0.9, d
+
+
+def test_label_subsets_are_fixed_balanced_and_disjoint_from_heldout(m):
+    examples = [([2, i, 3], [0, 0, 0], int(i % 3 == 0)) for i in range(300)]  # a third positive
+    cfg = m.Config(budgets="40,100,all", heldout=50)
+    held, subsets = m.label_subsets(examples, cfg)
+    assert (held, subsets) == m.label_subsets(examples, cfg)  # the same subsets in every run and arm
+    ids = lambda ex: {e[0][1] for e in ex}
+    assert len(held) == 50 and ids(subsets["all"]) == set(range(300)) - ids(held)
+    for b in (40, 100):
+        assert len(subsets[str(b)]) == b and sum(e[2] for e in subsets[str(b)]) == b // 2  # balanced
+        assert not ids(subsets[str(b)]) & ids(held)
+    cpu = m.Config(batch_size=32, max_iters=1500)  # the cpu/budget preset: 10 epochs within [300, 1,500] steps
+    assert [m.budget_steps(cpu, n) for n in (500, 2000, 66349)] == [300, 625, 1500]
+    with pytest.raises(m.UserError, match="--budgets 300: only"):
+        m.label_subsets(examples, m.Config(budgets="300", heldout=50))
+
+
+def test_summarize_budget_chooses_lr_on_heldout_never_on_dev(m):
+    recs = [{"budget": "500", "n_labels": 500, "arm": "scratch", "lr": lr, "seed": s, "heldout_acc": h + s / 100,
+             "dev_acc": d + s / 100} for lr, h, d in ((1e-4, 0.70, 0.90), (3e-4, 0.80, 0.60)) for s in (0, 1, 2)]
+    (row,) = m.summarize_budget(recs, m.Config(budgets="500", arms="scratch"))
+    assert row["lr"] == 3e-4 and row["seeds"] == 3  # the held-out winner, though dev prefers 1e-4
+    assert row["dev_mean"] == pytest.approx(0.61) and row["dev_std"] == pytest.approx(0.01)
+    assert (row["dev_min"], row["dev_max"]) == (0.60, 0.62)
+
+
+@pytest.mark.learning
+def test_budget_mode_runs_every_cell_once(m, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    write_sst2(tmp_path / "data" / "sst2")
+    common = ["--preset", "tiny", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path}"]
+    m.main(common + [f"--corpus={corpus}", "--max_iters=10", "--eval_interval=10"])
+    budget = common + ["--mode=budget", f"--init_from={tmp_path / 'pretrain.pt'}"]
+    m.main(budget + ["--arms=scratch"])  # one process per arm, sharing log.jsonl ...
+    m.main(budget + ["--arms=pretrained"])
+    runs = [r for r in records(tmp_path) if r["mode"] == "budget"]
+    assert len(runs) == 2 * 2 * 2 * 2  # budgets 40 and all (360) x arms x lrs 3e-3, 1e-2 x 2 seeds
+    assert {(r["budget"], r["n_labels"]) for r in runs} == {("40", 40), ("all", 360)}
+    steps = {"40": 50, "all": 80}  # 10 epochs of 40, within [80 // 5, 80]; all: 80
+    assert all(r["steps"] == r["curve"][-1]["step"] == steps[r["budget"]] and len(r["curve"]) == 6 for r in runs)
+    # the runs learn the toy task (seeds 0-5 and 1337: 4 to 8 of the 8 reach 1.0, native and default kernels)
+    assert max(r["dev_acc"] for r in runs if r["budget"] == "all") >= 0.9
+    capsys.readouterr()
+    rows = m.main(budget)  # ... then the whole table from the log; nothing is run twice
+    out = capsys.readouterr().out
+    assert len([r for r in records(tmp_path) if r["mode"] == "budget"]) == 16 and "seed 1337:" not in out
+    assert {(r["budget"], r["arm"]) for r in rows} == {(b, a) for b in ("40", "all")
+                                                      for a in ("pretrained", "scratch")}
+    assert "(40 labels)" in out and "held-out % by lr" in out
+    ckpt = torch.load(tmp_path / "pretrain.pt", weights_only=True)  # another checkpoint of the same pretraining
+    ckpt["model"]["bert.tok.weight"] += 0.01
+    torch.save(ckpt, tmp_path / "other.pt")
+    m.main(common + ["--mode=budget", f"--init_from={tmp_path / 'other.pt'}", "--budgets=40"])
+    out = capsys.readouterr().out
+    assert out.count("pretrained, lr") == 4 and "scratch, lr" not in out  # scratch runs depend on vocab and shape
+    if importlib.util.find_spec("matplotlib"):
+        for name in ("budget.png", "pretrain.png"):
+            png = (tmp_path / name).read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", png[16:20])[0] == 900
+            assert len(png) <= 150_000
 
 
 @pytest.mark.ddp
@@ -486,6 +579,13 @@ def fails(m, capsys, argv, code, pattern):
     (["--dtype=float8"], "--dtype must be one of"),
     (["--corpus=wikitext2+"], "--corpus must be wikitext2, wikitext103, sst2 or a text file .*'wikitext2\\+'"),
     (["--mode=distill", "--init_from=x.pt"], "--init_from must be scratch or resume with --mode distill"),
+    (["--mode=budget"], "--mode budget needs --init_from: our pretrain.pt or a Hugging Face BERT to compare"),
+    (["--budgets=500,lots"], "--budgets must be a comma list of numbers >= 2 and 'all', not '500,lots'"),
+    (["--budgets=1"], "--budgets must be a comma list"),
+    (["--arms=pretrained,random"], "--arms must be pretrained, scratch or both"),
+    (["--lrs=1e-3,-1"], "--lrs must be a comma list of positive numbers"),
+    (["--lrs=fast"], "--lrs must be a comma list of positive numbers"),
+    (["--n_seeds=0"], "--n_seeds must be > 0"),
 ])
 def test_bad_flags_exit_2(m, capsys, tmp_path, argv, pattern):
     fails(m, capsys, argv + [f"--out_dir={tmp_path}"], 2, pattern)

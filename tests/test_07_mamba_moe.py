@@ -1,11 +1,13 @@
 """Tests for 07_mamba_moe.py: the scans, the Mamba block and its recurrent step, the MoE layer and its
 losses, learning, the CLI (copy, lm, bench; resume; DDP) and bad input."""
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import types
 
 import pytest
@@ -403,6 +405,17 @@ def test_bench_mode(m, tmp_path, capsys):
     mem = [r for r in recs if r["bench"] == "memory"]
     assert mem[0]["mamba_state_bytes"] == mem[1]["mamba_state_bytes"]  # constant
     assert mem[1]["kv_cache_bytes"] == 2 * mem[0]["kv_cache_bytes"]  # grows with the length
+    if importlib.util.find_spec("matplotlib"):  # the README's scan figure comes from this path
+        png = (tmp_path / "bench_scan.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 900  # 9 in x 100 dpi
+        assert len(png) <= 150_000 and f"wrote {tmp_path / 'bench_scan.png'}" in printed
+
+
+def test_plots_without_matplotlib_print_a_hint(m, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    cfg = m.parse_args(["--preset", "tiny", f"--out_dir={tmp_path}"])
+    m.plot_scan_bench(cfg, [{"l": 32, "par_fwdbwd_ms": 1.0, "speedup_fwdbwd": 2.0}], "cpu")
+    assert "pip install matplotlib" in capsys.readouterr().out and not list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
