@@ -19,12 +19,12 @@ Pipeline (--mode all): base (pretrain a char GPT on tinyshakespeare, or load one
 the corpus windows the hidden score likes (also full fine-tuning at the same budget, for comparison)
 -> two SFT samples per prompt, the one with the higher true score "chosen" -> reward model -> PPO
 against it -> DPO on the same pairs -> one table: true reward (mean +- s.e. over fixed prompts), KL
-to the reference (the SFT model), samples; and out_dir/ppo_reward_vs_kl.png.
+to the reference (the SFT model), samples; out_dir/ppo_reward_vs_kl.png and rlhf.png (the curves, the bars).
 
-Expected result (cpu preset, ~6 CPU-minutes on one core): true reward over 512 held-out prompts,
+Expected result (cpu preset, ~4 CPU-minutes on one core): true reward over 512 held-out prompts,
 mean +- s.e. (KL to SFT, nats per 32-char response): base 0.280 +- 0.002 (1.7), SFT 0.311 +- 0.002,
-PPO 0.395 +- 0.002 (5.0), DPO 0.440 +- 0.002 (9.3; with --dpo_beta=0.5: 0.517 at KL 21.5, samples
-like "e oul I utel fue isoul": the hidden score is hacked); RM held-out pairwise accuracy 1.00;
+PPO 0.400 +- 0.002 (5.3), DPO 0.455 +- 0.002 (10.5; with --dpo_beta=0.5: 0.493 at KL 19.7, samples
+like "e oul I ute reel inour ire. I od": the hidden score is hacked); RM held-out pairwise accuracy 1.00;
 LoRA trains 2.7% of the weights (a 42 KB adapter): held-out SFT loss 2.156 vs 2.122 for full FT.
 
 Notation: B batch, T sequence length, P prompt length, R response length (T = P + R), C channels
@@ -1027,6 +1027,7 @@ def train(cfg) -> dict:
                            ppo=evaluate(run, ppo_policy, prompts, "adapters", rm, rm_metrics),
                            dpo=evaluate(run, dpo_policy, prompts, "adapters", rm, rm_metrics))
         print_table(out, cfg.prefs)
+        plot_rlhf(cfg, out["ppo_history"], out["eval"], os.path.join(cfg.out_dir, "rlhf.png"))
         log_jsonl(cfg, {"stage": "eval", **{k: {m: v for m, v in ev.items() if m != "samples"}
                                             for k, ev in out["eval"].items()}})
     if run.world_size > 1:
@@ -1063,15 +1064,22 @@ def evaluate(run, policy, prompts, ref=None, rm=None, rm_metrics=None):
                 rm=torch.cat(rms).mean().item() if rms else float("nan"), samples=texts[: cfg.n_samples_shown])
 
 
-def plot_ppo(history, path):
-    """True reward and RM reward against KL over PPO iterations: where they part is over-optimization."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only (Agg), or None with a hint: matplotlib stays optional."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): skipping the PPO plot")
+        print("matplotlib is not installed (pip install matplotlib): skipping the PNG")
+        return None
+    return plt
+
+
+def plot_ppo(history, path):
+    """True reward and RM reward against KL over PPO iterations: where they part is over-optimization."""
+    if (plt := pyplot()) is None:
         return
     kl = [h["kl"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1082,10 +1090,40 @@ def plot_ppo(history, path):
     ax2.plot(kl, [h["rm_reward"] for h in history], "s-", ms=2, color="tab:orange", alpha=0.6, label="RM reward")
     ax2.set_ylabel("RM reward (normalized)")
     fig.legend(loc="upper left", bbox_to_anchor=(0.14, 0.88))
+    save_png(plt, fig, path, dpi=120)
+
+
+def plot_rlhf(cfg, history, evals, path):
+    """--mode all's two pictures: true reward and KL over the PPO iterations (rollout batches), and every
+    stage's true reward on the held-out prompts with its standard error, KL to SFT written on each bar."""
+    if (plt := pyplot()) is None:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=[3, 2])
+    steps = range(1, len(history) + 1)
+    a.plot(steps, [h["true_reward"] for h in history], color="C0", label="true reward (hidden), rollout batch")
+    a.set(xlabel="PPO iteration", ylabel="true reward (fraction of vowels)", title="PPO")
+    k = a.twinx()
+    k.plot(steps, [h["kl"] for h in history], color="C1", ls="--", label="KL to the SFT model")
+    k.set_ylabel("KL(pi || pi_ref) per response (nats)")
+    a.legend(handles=a.lines + k.lines, loc="lower right")
+    names = list(evals)
+    true = [evals[n]["true"] for n in names]
+    b.bar(names, true, yerr=[evals[n]["true_se"] for n in names], capsize=4, color=[f"C{i + 2}" for i in range(4)])
+    for i, n in enumerate(names):
+        b.annotate(f"KL {evals[n]['kl']:.2f}", (i, true[i]), xytext=(0, 6), textcoords="offset points", ha="center")
+    b.set(ylim=(min(true) - 0.05, max(true) + 0.05), ylabel="true reward, held-out prompts (± s.e.)",
+          title=f"every stage ({cfg.n_eval_prompts} prompts)")
+    fig.suptitle(f"python 06_lora_rlhf.py --mode all: {cfg.ppo_iters} PPO iterations, dpo_beta {cfg.dpo_beta}, "
+                 f"torch threads: {torch.get_num_threads()}", fontsize=10)
+    save_png(plt, fig, path, dpi=100)
+
+
+def save_png(plt, fig, path, dpi):
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    fig.savefig(path + ".tmp.png", dpi=dpi)  # then renamed: a crash never leaves half a picture
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 def print_table(out, prefs):

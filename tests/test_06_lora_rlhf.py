@@ -1,6 +1,7 @@
 """Tests for 06_lora_rlhf.py: LoRA, the 03_gpt.py checkpoint and GPT-2 safetensors readers, the RLHF
 losses against hand-computed values, small learning tests, the CLI end to end, resume, DDP, bad input."""
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -368,6 +369,10 @@ def test_cli_all_tiny_then_resume_a_stage(m, tiny_run, tmp_path):
         assert re.search(rf"^{stage}\s+0\.\d+ \+- 0\.\d+", r.output, re.M), r
     for f in ("sft_adapter.pt", "ppo_reward_vs_kl.png", "log.jsonl"):
         assert (out / f).exists(), f
+    if importlib.util.find_spec("matplotlib"):  # --mode all's figure: PPO curves and every stage's reward
+        png = (out / "rlhf.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", png[16:20])[0] == 1200
+        assert len(png) <= 150_000 and "wrote" in r.output
     cfg = m.parse_args(["--preset", "tiny"])
     for stage in STAGES + ("prefs",):  # every file says which script and stage wrote it
         ckpt = m.load_checkpoint(str(out / f"{stage}.pt"), cfg, stage)
