@@ -1159,8 +1159,8 @@ def fill_mask(model, tok, text, k=5):
 # Pretraining pays where labels are scarce (Howard & Ruder 2018, ULMFiT 5; Turc et al. 2019, "Well-Read
 # Students Learn Better", arXiv:1908.08962). --mode budget fine-tunes our pretrained encoder and the same
 # model from random weights on 500, 2,000 and all SST-2 labels. A fair comparison needs three things:
-# the same labeled subset for both arms; each arm's own learning rate (a pretrained start wants a smaller
-# one than a random start), chosen on training sentences held out from every run, never on dev; and
+# the same labeled subset for both arms; each arm's own learning rate (what suits a pretrained start need
+# not suit a random one), chosen on training sentences held out from every run, never on dev; and
 # several seeds, since a 500-sentence run moves by points from seed to seed.
 def label_subsets(examples, cfg):
     """-> (held-out examples, {budget: training examples}). The held-out slice is the same for every run;
@@ -1169,9 +1169,8 @@ def label_subsets(examples, cfg):
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     held, pool = [examples[i] for i in order[:cfg.heldout]], [examples[i] for i in order[cfg.heldout:]]
-    subsets = {}
+    subsets, by_label = {}, [[e for e in pool if e[2] == y] for y in (0, 1)]
     for b in cfg.budgets.split(","):
-        by_label = [[e for e in pool if e[2] == y] for y in (0, 1)]
         if b != "all" and int(b) // 2 > min(map(len, by_label)):
             raise UserError(f"--budgets {b}: only {min(map(len, by_label))} sentences of the rarer label are left")
         subsets[b] = pool if b == "all" else [e for g in by_label for e in random.Random(cfg.seed + int(b)).sample(
