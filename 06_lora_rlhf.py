@@ -723,6 +723,14 @@ def get_lr(cfg, step):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+# The flags each stage trains with (its *_iters aside: resuming to train longer is allowed). Reusing a
+# stage checkpoint made with other values would label its results with flags it never saw.
+STAGE_FLAGS = {"sft": ("lora_", "sft_lr", "sft_top_frac"), "sft_full": ("sft_full_lr", "sft_top_frac"),
+               "rm": ("rm_lr", "rm_holdout", "n_pairs", "pref_margin"),
+               "ppo": ("ppo_batch", "ppo_epochs", "ppo_minibatch", "ppo_lr", "kl_", "clip_range", "vf_", "gamma",
+                       "lam"), "dpo": ("dpo_lr", "dpo_beta")}
+
+
 def fit(run, stage, model, opt, iters, train_step, validate=None, state=None, required=False, scale=1):
     """The loop every stage shares. Resume from out_dir/<stage>.pt (with --init_from=resume, or when
     a later stage needs this one complete: required), then run train_step(step) -> metrics (it does
@@ -734,6 +742,11 @@ def fit(run, stage, model, opt, iters, train_step, validate=None, state=None, re
     step, best_val, metrics = 0, math.inf, {}
     if required or (cfg.init_from == "resume" and os.path.exists(path)):
         ckpt = resume(path, cfg, model, opt, run.rank, run.world_size, stage)
+        was = {k: v for k, v in ckpt["config"].items() if k.startswith(STAGE_FLAGS.get(stage, ()))}
+        if changed := [k for k, v in was.items() if getattr(cfg, k, v) != v]:
+            raise UserError(f"{path} was trained with " + ", ".join(f"--{k} {was[k]}" for k in changed) +
+                            f", not {', '.join(str(getattr(cfg, k)) for k in changed)}: delete it to train "
+                            f"{stage} again, or give those values")
         step, best_val, metrics = ckpt["step"], ckpt["best_val"], ckpt["metrics"]
         state.update({k: ckpt[k] for k in state})
         gpt.config.gelu = ckpt.get("gelu", "exact")  # keep the GELU it trained with (06 had only erf before)

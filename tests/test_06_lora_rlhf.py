@@ -392,6 +392,11 @@ def test_cli_all_tiny_then_resume_a_stage(m, tiny_run, tmp_path):
     assert "dpo: resuming from step 10" in r.output and "dpo step 14" in r.output
     assert "sft step" not in r.output and "rm step" not in r.output  # earlier stages are loaded
     assert m.load_checkpoint(str(out / "dpo.pt"), cfg, "dpo")["step"] == 14
+    # a finished stage trained with other flags is refused, not reused under the new flags' name
+    r = run_script(NAME, "--preset", "tiny", "--init_from=resume", "--dpo_beta=0.5", f"--out_dir={out}",
+                   f"--data_dir={data}")
+    assert r.returncode == 1 and "Traceback" not in r.output, r
+    assert re.search(r"dpo\.pt was trained with --dpo_beta 2\.0, not 0\.5: delete it to train dpo again", r.output), r
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(m, tmp_path):
