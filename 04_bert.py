@@ -1018,9 +1018,6 @@ def train(cfg) -> dict:
             return classify_loss(m, batch, teacher, cfg.temperature, cfg.alpha)
 
     metrics, t0, tokens = {}, time.time(), 0
-    show_fill_mask = master and cfg.mode == "pretrain"  # what the MLM head predicts, before and after
-    if show_fill_mask and step == 0:
-        print("\n".join(f"fill-mask at step 0: {t} -> {fill_mask(raw_model, tok, t)}" for t in FILL_MASK_EXAMPLES))
     while True:
         if master and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             metrics = evaluate(raw_model, eval_batches, run_loss, cfg)
@@ -1030,6 +1027,8 @@ def train(cfg) -> dict:
                 best_val = min(best_val, metrics["val_loss"])
                 save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, best_val, model_args=raw_model.args,
                                 vocab=tok.itos, lower_case=tok.lower_case)
+            if cfg.mode == "pretrain" and step in (0, cfg.max_iters):
+                show_pretraining(cfg, raw_model, tok, step)
         if step >= cfg.max_iters:
             break
         lr = get_lr(cfg, step)
@@ -1061,10 +1060,6 @@ def train(cfg) -> dict:
     if master and cfg.mode == "distill":
         metrics.update(compare_teacher_student(teacher, raw_model, eval_batches, tok, device))
         log_jsonl(cfg, {"mode": cfg.mode, "step": step, **metrics})
-    if show_fill_mask:
-        plot_pretrain(cfg)
-        print("\n".join(f"fill-mask at step {step}: {t} -> {fill_mask(raw_model, tok, t)}"
-                        for t in FILL_MASK_EXAMPLES))
     # One write per rank, flushed: the two ranks' lines share stdout and must not interleave.
     sys.stdout.write(f"rank {rank}: weights fingerprint {fingerprint(raw_model)}\n")
     sys.stdout.flush()
@@ -1141,6 +1136,14 @@ def compare_teacher_student(teacher, student, dev_batches, tok, device, repeats=
 
 FILL_MASK_EXAMPLES = ("the capital of france is [MASK] .", "he played [MASK] for the national team .",
                       "the film is [MASK] and boring .", "a [MASK] , funny and moving film .")
+
+
+def show_pretraining(cfg, model, tok, step):
+    """At the first and the last step of pretraining: what the MLM head predicts for FILL_MASK_EXAMPLES
+    (before and after), and at the last the curve from log.jsonl (pretrain.png)."""
+    if step == cfg.max_iters:
+        plot_pretrain(cfg)
+    print("\n".join(f"fill-mask at step {step}: {t} -> {fill_mask(model, tok, t)}" for t in FILL_MASK_EXAMPLES))
 
 
 @torch.no_grad()
