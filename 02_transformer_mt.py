@@ -16,7 +16,8 @@ Run it:
     python 02_transformer_mt.py --help                            # every flag, its default and meaning
 
 Expected result (README.md has the table): the `cpu` preset reaches test BLEU ~33 on Multi30k
-test2016 (cased sacreBLEU, beam 4) in under half an hour on a 2-core CPU.
+test2016 (cased sacreBLEU, beam 4) in under half an hour on a 2-core CPU; out_dir/bleu.png draws
+val loss and val BLEU at every evaluation.
 
 Notation (Vaswani et al. 2017): B batch, S source length, T target length, C = d_model, nh heads,
 hd = d_k = d_v = C // nh, F = d_ff, V vocabulary, N = n_layer. Masks are boolean, True = may attend.
@@ -84,7 +85,7 @@ class Config:
     warmup_iters: int = 400  # linear warmup, then lr ~ 1/sqrt(step) (paper eq. 3)
     label_smoothing: float = 0.1  # epsilon_ls (paper §5.4)
     grad_clip: float = 1.0  # clip the gradient norm at this value (0 = off)
-    eval_interval: int = 500  # steps between evaluations (and checkpoints)
+    eval_interval: int = 250  # steps between evaluations (val loss, val BLEU) and checkpoints
     log_interval: int = 50  # steps between progress lines
     always_save_checkpoint: bool = False  # save at every eval, not only on a new best val loss
     # decoding
@@ -747,8 +748,8 @@ def init_model(cfg, device, rank=0, world_size=1):
 
 
 def train(cfg, data=None) -> dict:
-    """Train on the training split, evaluate val loss every eval_interval, and report test BLEU at
-    the end. `data` (from prepare_data) lets --mode sweep tokenize once for every run."""
+    """Train; at step 0 and every eval_interval log val loss and val BLEU (bleu.png draws them), then
+    score the test split once. `data` (from prepare_data) lets --mode sweep tokenize once for every run."""
     rank, local_rank, world_size = setup_ddp()
     master = rank == 0
     if cfg.gradient_accumulation_steps % world_size:
@@ -762,21 +763,37 @@ def train(cfg, data=None) -> dict:
     src_ids, tgt_ids, lens = training_pairs(data, cfg, verbose=master)
     model, optimizer, ckpt = init_model(cfg, device, rank, world_size)
     step, best_val = (ckpt["step"], ckpt["best_val"]) if ckpt else (0, float("inf"))
+    evaluated = step if 0 < step < cfg.max_iters else None  # a checkpoint's step was evaluated and logged
     raw_model, ckpt_path = model, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if "cuda" in device else None)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer}+{cfg.n_layer} layers, d_model {cfg.d_model}, "
               f"{cfg.n_head} heads, {cfg.norm}-LN, {cfg.pos} positions")
-
     batches = iterate_batches(lens, cfg, rank, world_size, skip=step * grad_accum)
     t0 = t_start = time.time()
-    n_tok, loss_sum, last_log, val_loss = 0, 0.0, step, None
+    n_tok, loss_sum, last_log = 0, 0.0, step
     model.train()
-    while step < cfg.max_iters:
+    while True:
+        # Evaluate before the step: a run from scratch logs step 0 too. Only rank 0 decodes for BLEU (the
+        # others wait at the next all-reduce). No random numbers are drawn: training is the same without it.
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != evaluated:
+            t_eval = time.time()
+            val = evaluate(raw_model, data, cfg, device, ctx, ("val_loss", "val_bleu") if master else ("val_loss",))
+            val_loss = val["val_loss"]
+            if master:
+                print(f"step {step}: val loss {val_loss:.4f} | val BLEU {val['val_bleu']:.2f}")
+                log_jsonl(cfg, dict(step=step, time=time.time() - t_start, **val))
+                if step > 0 and (val_loss < best_val or cfg.always_save_checkpoint):
+                    best_val = min(best_val, val_loss)
+                    save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, best_val,
+                                    bpe_merges=[list(m) for m in data["tok"].merges])
+            t0 += time.time() - t_eval  # ms/step counts training only
+        if step >= cfg.max_iters:
+            break
         lr = get_lr(cfg, step + 1)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -804,28 +821,17 @@ def train(cfg, data=None) -> dict:
             print(f"step {step:5d} | epoch {epoch} | loss {loss_sum / n_steps:.4f} | lr {lr:.2e} | "
                   f"{n_tok * world_size / dt:,.0f} tgt tok/s | {1000 * dt / n_steps:.0f} ms/step")
             t0, n_tok, loss_sum, last_log = time.time(), 0, 0.0, step
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = evaluate(raw_model, data, cfg, device, ctx)["val_loss"]
-            if master:
-                print(f"step {step}: val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})")
-                log_jsonl(cfg, dict(step=step, epoch=epoch, val_loss=val_loss, lr=lr, time=time.time() - t_start))
-                if val_loss < best_val or cfg.always_save_checkpoint:
-                    best_val = min(best_val, val_loss)
-                    save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, best_val,
-                                    bpe_merges=[list(m) for m in data["tok"].merges])
-    if val_loss is None:  # resumed at max_iters: nothing was trained or evaluated
-        val_loss = evaluate(raw_model, data, cfg, device, ctx)["val_loss"]
-    metrics = dict(step=step, val_loss=val_loss, train_time=time.time() - t_start,
-                   params=sum(p.numel() for p in raw_model.parameters()))
+    metrics = dict(step=step, val_loss=val_loss, train_time=time.time() - t_start, params=n_params)
     if world_size > 1:
         print(f"rank {rank}: final weights fingerprint {fingerprint(raw_model)}")  # the same on every rank
     if master:
         metrics.update(evaluate(raw_model, data, cfg, device, ctx, metrics=("test_bleu",)))
         print(f"test BLEU {metrics['test_bleu']:.2f} (sacreBLEU-equal: 13a, cased, detokenized; beam "
-              f"{cfg.beam_size}, length penalty {cfg.length_penalty}) | train {metrics['train_time']:.0f}s, "
-              f"decode {metrics['decode_time']:.0f}s")
+              f"{cfg.beam_size}, length penalty {cfg.length_penalty}) | train {metrics['train_time']:.0f}s "
+              f"(with evaluations), decode {metrics['test_decode_time']:.0f}s")
         log_jsonl(cfg, dict(step=step, test_bleu=metrics["test_bleu"], beam_size=cfg.beam_size,
                             length_penalty=cfg.length_penalty))
+        plot_bleu(cfg)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -836,7 +842,8 @@ def train(cfg, data=None) -> dict:
 @torch.no_grad()
 def evaluate(model, data, cfg, device, ctx, metrics=("val_loss",)):
     """-> {"val_loss": mean cross-entropy per target token over the val pairs that fit, without label
-    smoothing} and, when asked, {"test_bleu", "decode_time"}: the test split translated and scored."""
+    smoothing} and, when asked, {"val_bleu", "val_decode_time"} and {"test_bleu", "test_decode_time"}:
+    that split translated with the configured search and scored against its references."""
     was_training, out = model.training, {}
     model.eval()
     if "val_loss" in metrics:
@@ -850,10 +857,11 @@ def evaluate(model, data, cfg, device, ctx, metrics=("val_loss",)):
                                      reduction="sum").item()
             count += (tgt_out != PAD).sum().item()
         out["val_loss"] = total / count
-    if "test_bleu" in metrics:
-        t0 = time.time()
-        hyps = translate_corpus(model, data["tok"], data["raw"]["test"][0], cfg, device, ctx)
-        out.update(test_bleu=corpus_bleu(hyps, data["raw"]["test"][1]), decode_time=time.time() - t0)
+    for split in ("val", "test"):
+        if f"{split}_bleu" in metrics:
+            t0, (sources, references) = time.time(), data["raw"][split]
+            hyps = translate_corpus(model, data["tok"], sources, cfg, device, ctx)
+            out.update({f"{split}_bleu": corpus_bleu(hyps, references), f"{split}_decode_time": time.time() - t0})
     model.train(was_training)
     return out
 
@@ -892,6 +900,45 @@ def score_bleu(cfg):
     model, tok, device, ctx = load_trained(cfg)
     bleu = evaluate(model, dict(tok=tok, raw=load_corpus(cfg)), cfg, device, ctx, metrics=("test_bleu",))["test_bleu"]
     print(f"test BLEU {bleu:.2f} (beam {cfg.beam_size}, length penalty {cfg.length_penalty})")
+
+
+def plot_bleu(cfg):
+    """out_dir/bleu.png, from log.jsonl: this run's val loss and val BLEU at each evaluation and its
+    test BLEU (a star at the last step), the picture of the numbers the training prints. Skipped, with
+    a hint, without matplotlib; `--init_from=resume` on a finished run draws it again."""
+    with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if "val_bleu" in r]
+    evals = evals[max((i for i, r in enumerate(evals) if r["step"] == 0), default=0):]  # the last run from scratch
+    test = [r for r in records if "test_bleu" in r][-1]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("(matplotlib is not installed: pip install matplotlib to get bleu.png)")
+    steps, bleus = [r["step"] for r in evals], [r["val_bleu"] for r in evals]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss (left axis)")
+    ax.set(xlabel="step (optimizer updates)", ylabel="val loss (nats per target token, no smoothing)")
+    bleu_ax = ax.twinx()
+    bleu_ax.plot(steps, bleus, "s-", color="C1", label="val BLEU (right axis)")
+    for x, y in zip(steps, bleus):
+        bleu_ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(-5, 5), ha="right", fontsize=8)
+    bleu_ax.plot([test["step"]], [test["test_bleu"]], "*", ms=14, color="C3",
+                 label=f"test BLEU {test['test_bleu']:.2f} (right axis)")
+    bleu_ax.set(ylabel=f"BLEU (sacreBLEU's default, beam {cfg.beam_size})", ylim=(0, 1.15 * max(bleus + [1.0])))
+    ax.legend(handles=ax.get_lines() + bleu_ax.get_lines(), loc="center right")
+    data = f"Multi30k {cfg.src_lang}→{cfg.tgt_lang}" if cfg.dataset == "multi30k" else os.path.basename(cfg.dataset)
+    ax.set_title(f"python {SCRIPT_NAME}.py on {data}: {test['step']:,} steps of ≤ {cfg.max_tokens:,} tokens\n"
+                 f"d_model {cfg.d_model}, {cfg.n_head} heads, {cfg.n_layer}+{cfg.n_layer} layers, {cfg.norm}-LN, "
+                 f"{cfg.pos} positions", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(cfg.out_dir, "bleu.png")
+    fig.savefig(path + ".tmp.png", dpi=100)  # then renamed: a crash never leaves half a picture
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 def plot_attention(cfg):

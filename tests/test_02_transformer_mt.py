@@ -4,10 +4,12 @@ a learning test, and the CLI (train, resume, translate, attention, sweep, DDP) a
 values, foreign / truncated / unsafe checkpoints, a proxy's HTML page instead of a download, offline data)."""
 import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import random
 import re
+import sys
 from collections import Counter
 
 import pytest
@@ -338,7 +340,7 @@ def read_log(out_dir):
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_cli_train_resume_translate_attention(mod, tmp_path, capsys):
+def test_cli_train_resume_translate_attention(mod, tmp_path, capsys, monkeypatch):
     tsv = write_tsv(tmp_path / "pairs.tsv")
     common = ["--preset", "tiny", f"--dataset=tsv:{tsv}", "--always_save_checkpoint", "--eval_interval=10"]
     # an interrupted run: 10 steps in one process, 10 more after --init_from=resume in another
@@ -351,10 +353,23 @@ def test_cli_train_resume_translate_attention(mod, tmp_path, capsys):
     assert "resumed from" in r.output
     # the same 20 steps uninterrupted, in this process (one thread, as the subprocesses)
     mod.main([*common, f"--out_dir={tmp_path / 'straight'}", "--max_iters=20"])
-    resumed = [e for e in read_log(out) if "val_loss" in e]
-    straight = [e for e in read_log(tmp_path / "straight") if "val_loss" in e]
-    assert [e["step"] for e in resumed] == [10, 20] and resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+    # the learning curve (step 0, then every evaluation) continues exactly where it stopped
+    curve = [{k: e[k] for k in ("step", "val_loss", "val_bleu")} for e in read_log(out) if "val_loss" in e]
+    straight = [{k: e[k] for k in ("step", "val_loss", "val_bleu")}
+                for e in read_log(tmp_path / "straight") if "val_loss" in e]
+    assert [e["step"] for e in curve] == [0, 10, 20] and curve == straight
+    assert curve[0]["val_loss"] > curve[-1]["val_loss"]
     assert read_log(out)[-1]["test_bleu"] == read_log(tmp_path / "straight")[-1]["test_bleu"]
+    if importlib.util.find_spec("matplotlib"):  # bleu.png: drawn from the whole run, 900 px wide (README width)
+        for run in (out, tmp_path / "straight"):
+            png = (run / "bleu.png").read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 900
+            assert len(png) <= 150_000
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: the run still ends, with a hint
+    mod.plot_bleu(mod.parse_args([*common, f"--out_dir={out}"]))
+    assert "pip install matplotlib to get bleu.png" in capsys.readouterr().out
+    monkeypatch.undo()
     capsys.readouterr()
     # translate and attention from the checkpoint
     mod.main([*common, f"--out_dir={out}", "--mode=translate", "--text=Der Hund läuft."])
@@ -370,6 +385,19 @@ def test_cli_train_resume_translate_attention(mod, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         mod.main([*common, f"--out_dir={out}", "--mode=translate", "--d_model=64"])
     assert e.value.code == 1 and "another model config: d_model=32" in capsys.readouterr().err
+
+
+def test_evaluating_more_often_does_not_change_training(mod, tmp_path):
+    # the val BLEU decodes (rank 0 only) and val losses draw no random numbers: the same run evaluated
+    # every 4 steps or only at its end ends with the same weights, so the same val loss and test BLEU
+    tsv = write_tsv(tmp_path / "pairs.tsv")
+    ends = []
+    for every in (4, 20):
+        m = mod.main(["--preset", "tiny", f"--dataset=tsv:{tsv}", f"--out_dir={tmp_path / str(every)}",
+                      "--max_iters=20", f"--eval_interval={every}"])
+        ends.append((m["val_loss"], m["test_bleu"]))
+        assert [e["step"] for e in read_log(tmp_path / str(every)) if "val_bleu" in e] == list(range(0, 21, every))
+    assert ends[0] == ends[1]
 
 
 def test_sweep_writes_a_table(mod, tmp_path, capsys):
