@@ -799,7 +799,7 @@ def init_model(cfg, device, meta=None, rank=0, world_size=1):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device.split(":")[0], cfg.optimizer, cfg.muon_lr)
     if cfg.init_from == "resume":
-        ckpt = resume(path, cfg, model, optimizer, rank, world_size, "train")
+        ckpt = resume(path, cfg, model, optimizer, rank, world_size, "train", ckpt)
     return model, optimizer, cfg, ckpt
 
 
@@ -1225,7 +1225,8 @@ def parse_args(argv=None) -> Config:
     presets, bools = [p for p in PRESETS if "/" not in p], {"1": True, "true": True, "0": False, "false": False}
 
     def fail(msg):
-        print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun gives every rank the same flags: say it once
+            print(f"{SCRIPT_NAME}.py: error: {msg}\n(run with --help to list every flag)", file=sys.stderr)
         sys.exit(2)
 
     if "-h" in argv or "--help" in argv:
@@ -1388,11 +1389,12 @@ def load_checkpoint(path, cfg=None, stage=None, script=SCRIPT_NAME, keys=MODEL_K
     return ckpt
 
 
-def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None):
+def resume(path, cfg, model, optimizer, rank=0, world_size=1, stage=None, ckpt=None):
     """Continue a run from its checkpoint: weights, optimizer state and the random stream, exactly
     with one rank (same batches, same dropout masks); several ranks cannot share one saved stream,
-    so they get fresh ones that still differ by rank. -> the checkpoint (step, best_val, extras)."""
-    ckpt = load_checkpoint(path, cfg, stage)
+    so they get fresh ones that still differ by rank. `ckpt`: the checkpoint when the caller has
+    already read (and checked) it, so a large file is not read twice. -> the checkpoint."""
+    ckpt = ckpt or load_checkpoint(path, cfg, stage)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if world_size > 1:

@@ -442,7 +442,7 @@ def corpus_dir(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.learning
-def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys):
+def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys, monkeypatch):
     common = ["--preset", "tiny", f"--data_dir={corpus_dir}", "--always_save_checkpoint", "--cell=lstm_manual",
               "--teacher_forcing=0.7", "--dropout=0.2"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -452,7 +452,11 @@ def test_cli_train_resume_translate_attention(mod, corpus_dir, tmp_path, capsys)
     # the interrupted + resumed run goes through main() in-process: the same code, without paying
     # two more torch imports (both use one thread, so the arithmetic is bit-for-bit the same)
     mod.main([*common, f"--out_dir={part}", "--max_iters=10"])
+    reads, real_load = [], torch.load  # resuming reads the checkpoint once
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
     mod.main([*common, f"--out_dir={part}", "--init_from=resume"])
+    monkeypatch.undo()
+    assert reads.count(str(part / "ckpt.pt")) == 1, reads
     capsys.readouterr()
     log_full, log_part = read_log(full), read_log(part)
     assert [rec["step"] for rec in log_full if "val_loss" in rec] == [10, 20]

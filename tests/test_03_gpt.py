@@ -367,7 +367,7 @@ def read_log(folder):
 
 
 @pytest.mark.learning
-def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
+def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys, monkeypatch):
     """Uninterrupted 20 steps (in-process) == 10 steps + resume to 20 (two CLI runs), with Muon (the
     default preset's optimizer: its momentum and AdamW moments must come back from the checkpoint)."""
     common = ["--preset", "tiny", f"--dataset={corpus}", "--always_save_checkpoint=true", "--lr_decay_iters=20",
@@ -390,6 +390,12 @@ def test_cli_end_to_end_and_exact_resume(m, tmp_path, corpus, capsys):
     assert [rec["step"] for rec in evals] == [0, 10, 20]  # resumed at 10, without evaluating twice
     assert "grad_norm" in evals[-1] and "update_to_weight" in evals[-1]
     assert evals[-1]["val_loss"] == full["val_loss"] and evals[-1]["train_loss"] == full["train_loss"]
+    # resuming reads the checkpoint once (at GPT-2 size, with the optimizer's state, it is GBs)
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    m.main(common + [f"--out_dir={part}", "--max_iters=20", "--init_from=resume"])
+    assert reads.count(str(part / "ckpt.pt")) == 1, reads
+    monkeypatch.undo()
     # a different shape is refused with a clear message
     with pytest.raises(SystemExit) as e:
         m.main(common + [f"--out_dir={part}", "--init_from=resume", "--n_layer=3"])

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_script, milestone_namespace, script_section
+from conftest import ROOT, load_script, milestone_namespace, run_torchrun, script_section
 
 READMES = [ROOT / "README.md", ROOT / "README.zh-CN.md"]
 SCRIPTS = sorted(p.name for p in ROOT.glob("0[1-9]_*.py"))
@@ -167,6 +167,22 @@ def one_error(capsys, script, argv, status, needle):
 @pytest.mark.parametrize("flag,status,needle", BAD_FLAGS, ids=[f for f, _, _ in BAD_FLAGS])
 def test_bad_flag_values_give_one_error_line(script, flag, status, needle, tmp_path, capsys):
     one_error(capsys, script, ["--preset", "tiny", flag, f"--out_dir={tmp_path}"], status, needle)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_flag_is_reported_by_rank_0_only(script, capsys, monkeypatch):
+    # torchrun starts every rank with the same flags: one error line, not one per rank; all exit 2
+    mod = load_script(script)
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--no_such_flag=1"])
+        assert e.value.code == 2 and capsys.readouterr().err.count("error: unknown flag") == lines
+
+
+def test_a_bad_flag_under_torchrun_prints_one_error():
+    r = run_torchrun("02_transformer_mt", "--no_such_flag=1", nproc=2, timeout=120)
+    assert r.returncode != 0 and r.output.count("error: unknown flag --no_such_flag=1") == 1, r.output
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
