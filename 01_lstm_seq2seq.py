@@ -919,12 +919,8 @@ def translate_text(cfg):
 
 def plot_attention(cfg, model, vocab, device, ctx, words, ids):
     """Greedy-translate the source `ids` and draw the attention weights α (output words x source words)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--mode attention draws a PNG with matplotlib: pip install matplotlib") from None
+    if (plt := pyplot("attention.png")) is None:
+        raise UserError("--mode attention draws a PNG with matplotlib: pip install matplotlib")
     if model.attn is None:
         raise UserError("this model was trained with --attn=none: there are no attention weights to plot")
     src, src_len, _, _ = make_batch([(ids or [UNK], [])], device)
@@ -941,10 +937,9 @@ def plot_attention(cfg, model, vocab, device, ctx, words, ids):
     ax.set_xticks(range(len(words)), [vocab["src"][i] if i == UNK else w for w, i in zip(words, ids)], rotation=60)
     ax.set_yticks(range(len(out)), out)
     ax.set(xlabel="source", ylabel="output", title=f"{cfg.attn} attention")
-    fig.tight_layout()
+    print(detokenize(out[:-1] if out[-1] in SPECIALS else out))
     path = os.path.join(cfg.out_dir, "attention.png")
-    fig.savefig(path, dpi=120)
-    print(f"{detokenize(out[:-1] if out[-1] in SPECIALS else out)}\nattention plot written to {path}")
+    save_png(fig, path, dpi=120)
     return path
 
 
@@ -1210,6 +1205,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -911,12 +911,8 @@ def plot_bleu(cfg):
     evals = [r for r in records if "val_bleu" in r]
     evals = evals[max((i for i, r in enumerate(evals) if r["step"] == 0), default=0):]  # the last run from scratch
     test = [r for r in records if "test_bleu" in r][-1]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("(matplotlib is not installed: pip install matplotlib to get bleu.png)")
+    if (plt := pyplot("bleu.png")) is None:
+        return
     steps, bleus = [r["step"] for r in evals], [r["val_bleu"] for r in evals]
     fig, ax = plt.subplots(figsize=(9, 5))
     ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss (left axis)")
@@ -933,23 +929,14 @@ def plot_bleu(cfg):
     ax.set_title(f"python {SCRIPT_NAME}.py on {data}: {test['step']:,} steps of ≤ {cfg.max_tokens:,} tokens\n"
                  f"d_model {cfg.d_model}, {cfg.n_head} heads, {cfg.n_layer}+{cfg.n_layer} layers, {cfg.norm}-LN, "
                  f"{cfg.pos} positions", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(cfg.out_dir, "bleu.png")
-    fig.savefig(path + ".tmp.png", dpi=100)  # then renamed: a crash never leaves half a picture
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    print(f"wrote {path}")
+    save_png(fig, os.path.join(cfg.out_dir, "bleu.png"))
 
 
 def plot_attention(cfg):
     """--mode attention: translate --text greedily, run the pair once more with every attention layer
     recording, and save three PNGs (encoder self-, decoder self-, cross-attention), layer x head grids."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--mode attention needs matplotlib: pip install matplotlib") from None
+    if (plt := pyplot("the attention maps")) is None:
+        raise UserError("--mode attention draws PNGs with matplotlib: pip install matplotlib")
     model, tok, device, ctx = load_trained(cfg)
     hyp = translate_corpus(model, tok, [cfg.text], dataclasses.replace(cfg, beam_size=1), device, ctx)[0]
     src, tgt_in, _ = collate([tok.encode(cfg.text)[:cfg.block_size - 1]], [tok.encode(hyp)[:cfg.block_size - 1]],
@@ -962,7 +949,6 @@ def plot_attention(cfg):
         model(src, tgt_in)
     src_lab, tgt_lab = ([tok.decode([i]).replace(" ", "▁") if i >= N_SPECIAL else ["<pad>", "<bos>", "<eos>"][i]
                          for i in t[0].tolist()] for t in (src, tgt_in))
-    paths = []
     for kind, mods in attns.items():
         rows, cols = (src_lab, src_lab) if kind == "encoder" else (tgt_lab, src_lab if kind == "cross" else tgt_lab)
         fig, axes = plt.subplots(len(mods), cfg.n_head, figsize=(2.6 * cfg.n_head + 1, 2.6 * len(mods) + 1),
@@ -974,11 +960,8 @@ def plot_attention(cfg):
                 ax.set_yticks(range(len(rows)), rows, fontsize=6)
                 ax.set_title(f"layer {li} head {h}", fontsize=8)
         fig.suptitle(f"{kind} attention: {cfg.text!r} -> {hyp!r}", fontsize=9)
-        fig.tight_layout()
-        paths.append(os.path.join(cfg.out_dir, f"attention_{kind}.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    print(f"{cfg.text} -> {hyp}\nwrote {', '.join(paths)}")
+        save_png(fig, os.path.join(cfg.out_dir, f"attention_{kind}.png"), dpi=120)
+    print(f"{cfg.text} -> {hyp}")
 
 
 def sweep(cfg):
@@ -1281,6 +1264,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

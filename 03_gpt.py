@@ -1125,12 +1125,8 @@ def run_compare(cfg):
 def save_plot(cfg, name, lines, xlabel, ylabel, title, vline=None, **axes):
     """Lines [(x, y, matplotlib style)] on one axis to out_dir/name, 900 px wide (skipped, with a note,
     without matplotlib); `axes` go to ax.set (xticks=...)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print(f"(matplotlib is not installed: pip install matplotlib to get {name})")
+    if (plt := pyplot(name)) is None:
+        return
     fig, ax = plt.subplots(figsize=(9, 5))
     for x, y, style in lines:
         ax.plot(list(x), y, **style)
@@ -1140,12 +1136,7 @@ def save_plot(cfg, name, lines, xlabel, ylabel, title, vline=None, **axes):
     ax.set_title(title, fontsize=10)
     if any("label" in style for *_, style in lines):
         ax.legend()
-    fig.tight_layout()
-    path = os.path.join(cfg.out_dir, name)
-    fig.savefig(path + ".tmp.png", dpi=100)  # then renamed: a crash never leaves half a picture
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    print(f"wrote {path}")
+    save_png(fig, os.path.join(cfg.out_dir, name))
 
 
 def run_bench(cfg):
@@ -1418,6 +1409,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1295,22 +1295,10 @@ def summarize_budget(records, cfg):
     return rows
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files only (Agg), or None with a hint: matplotlib stays optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): skipping the PNG")
-        return None
-    return plt
-
-
 def plot_pretrain(cfg):
     """The pretraining curve from this run's log.jsonl (its last record of each step) to pretrain.png:
     validation MLM loss on the left axis, MLM (and NSP) accuracy on the right."""
-    if (plt := pyplot()) is None:
+    if (plt := pyplot("pretrain.png")) is None:
         return
     with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
         log = {r["step"]: r for r in map(json.loads, f) if r.get("mode") == "pretrain"}
@@ -1324,14 +1312,15 @@ def plot_pretrain(cfg):
             acc.plot(steps, [100 * log[s].get(key, float("nan")) for s in steps], style, label=f"{name} (right)")
     acc.set_ylabel("validation accuracy (%)")
     fig.legend(loc="center right", bbox_to_anchor=(0.88, 0.55))  # the empty middle right
-    save_png(cfg, fig, ax, "pretrain.png", f"python 04_bert.py --mode pretrain --corpus {cfg.corpus} "
-             f"--nsp {cfg.nsp}: {cfg.max_iters} steps of {cfg.batch_size} x <= {cfg.max_len} tokens")
+    ax.set_title(f"python 04_bert.py --mode pretrain --corpus {cfg.corpus} --nsp {cfg.nsp}: {cfg.max_iters} steps "
+                 f"of {cfg.batch_size} x <= {cfg.max_len} tokens, torch threads: {torch.get_num_threads()}", fontsize=9)
+    save_png(fig, os.path.join(cfg.out_dir, "pretrain.png"))
 
 
 def plot_budget(cfg, rows):
     """Dev accuracy against the number of labels, pretrained vs scratch (mean and standard deviation over
     seeds, each arm at its chosen learning rate), to budget.png; Turc et al.'s BERT-Tiny for scale."""
-    if not rows or (plt := pyplot()) is None:
+    if not rows or (plt := pyplot("budget.png")) is None:
         return
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for arm in ("pretrained", "scratch"):
@@ -1345,21 +1334,9 @@ def plot_budget(cfg, rows):
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.set_xticks([], minor=True)
     ax.legend()
-    save_png(cfg, fig, ax, "budget.png", f"python 04_bert.py --mode budget --init_from {cfg.init_from} "
-             f"({cfg.n_seeds} seeds, lrs {cfg.lrs})")
-
-
-def save_png(cfg, fig, ax, name, title):
-    """The title (with the thread count), then out_dir/name through a temporary file, 900 px wide."""
-    import matplotlib.pyplot as plt  # already imported by pyplot()
-
-    ax.set_title(f"{title}, torch threads: {torch.get_num_threads()}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(cfg.out_dir, name)
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    print(f"wrote {path}")
+    ax.set_title(f"python 04_bert.py --mode budget --init_from {cfg.init_from} ({cfg.n_seeds} seeds, lrs {cfg.lrs}),"
+                 f" torch threads: {torch.get_num_threads()}", fontsize=9)
+    save_png(fig, os.path.join(cfg.out_dir, "budget.png"))
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -1577,6 +1554,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1019,12 +1019,7 @@ def bench(cfg) -> dict:
 
 
 def _plot(rows, path, setup):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: no plot (pip install matplotlib)")
+    if (plt := pyplot(os.path.basename(path))) is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, name in enumerate(dict.fromkeys(r["impl"] for r in rows)):
@@ -1037,10 +1032,7 @@ def _plot(rows, path, setup):
         ax.set(xscale="log", yscale="log", xlabel="sequence length N (tokens)", ylabel=label)
         ax.legend()
     fig.suptitle(f"python 05_flash_attn.py --mode=bench ({setup})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_png(fig, path, dpi=120)
 
 
 def io_table(cfg) -> list:
@@ -1293,6 +1285,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1077,22 +1077,9 @@ def evaluate(run, policy, prompts, ref=None, rm=None, rm_metrics=None):
                 rm=torch.cat(rms).mean().item() if rms else float("nan"), samples=texts[: cfg.n_samples_shown])
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files only (Agg), or None with a hint: matplotlib stays optional."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): skipping the PNG")
-        return None
-    return plt
-
-
 def plot_ppo(history, path):
     """True reward and RM reward against KL over PPO iterations: where they part is over-optimization."""
-    if (plt := pyplot()) is None:
+    if (plt := pyplot(os.path.basename(path))) is None:
         return
     kl = [h["kl"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1103,13 +1090,13 @@ def plot_ppo(history, path):
     ax2.plot(kl, [h["rm_reward"] for h in history], "s-", ms=2, color="tab:orange", alpha=0.6, label="RM reward")
     ax2.set_ylabel("RM reward (normalized)")
     fig.legend(loc="upper left", bbox_to_anchor=(0.14, 0.88))
-    save_png(plt, fig, path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def plot_rlhf(cfg, history, evals, path):
     """--mode all's two pictures: true reward and KL over the PPO iterations (rollout batches), and every
     stage's true reward on the held-out prompts with its standard error, KL to SFT written on each bar."""
-    if (plt := pyplot()) is None:
+    if (plt := pyplot(os.path.basename(path))) is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=[3, 2])
     steps = range(1, len(history) + 1)
@@ -1128,15 +1115,7 @@ def plot_rlhf(cfg, history, evals, path):
           title=f"every stage ({cfg.n_eval_prompts} prompts)")
     fig.suptitle(f"python 06_lora_rlhf.py --mode all: {cfg.ppo_iters} PPO iterations, dpo_beta {cfg.dpo_beta}, "
                  f"torch threads: {torch.get_num_threads()}", fontsize=10)
-    save_png(plt, fig, path, dpi=100)
-
-
-def save_png(plt, fig, path, dpi):
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=dpi)  # then renamed: a crash never leaves half a picture
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    print(f"wrote {path}")
+    save_png(fig, path)
 
 
 def print_table(out, prefs):
@@ -1371,6 +1350,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

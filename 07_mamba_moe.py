@@ -799,22 +799,10 @@ def bench(cfg):
     return rows
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files only (Agg), or None with a hint: matplotlib stays optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): skipping the PNGs")
-        return None
-    return plt
-
-
 def plot_scan_bench(cfg, rows, setup):
     """The scan bench's printed times against l, log-log, to bench_scan.png; each parallel
     forward+backward point is labelled with its printed speed-up over the loop."""
-    if (plt := pyplot()) is None:
+    if (plt := pyplot("bench_scan.png")) is None:
         return
     fig, ax = plt.subplots(figsize=(9, 5))
     lengths = [r["l"] for r in rows]
@@ -830,17 +818,13 @@ def plot_scan_bench(cfg, rows, setup):
     ax.set_xticks([], minor=True)
     ax.legend(title="numbers: speed-up, loop / parallel scan, forward + backward", title_fontsize=8)
     ax.set_title(f"python 07_mamba_moe.py --mode=bench --bench_lengths={cfg.bench_lengths}\n({setup})", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(cfg.out_dir, "bench_scan.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_png(fig, os.path.join(cfg.out_dir, "bench_scan.png"))
 
 
 def plot_curves(cfg, results, histories):
     """Val accuracy (copy) or val loss (lm) against step and wall time, to <mode>_curves.png; in lm
     mode also the expert-load histogram with and without balancing, to expert_load.png."""
-    if (plt := pyplot()) is None:
+    if (plt := pyplot(f"{cfg.mode}_curves.png")) is None:
         return
     copy = cfg.mode == "copy"
     metric, ylabel = ("val_acc", "val accuracy (tokens recalled)") if copy else ("val_loss", "val loss (nats/char)")
@@ -854,8 +838,7 @@ def plot_curves(cfg, results, histories):
     task = (f"Selective copying, length {cfg.copy_len}, {cfg.copy_tokens} tokens to recall" if copy
             else "Character-level tinyshakespeare")
     fig.suptitle(f"{task} ({run})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, f"{cfg.mode}_curves.png"), dpi=100)
+    save_png(fig, os.path.join(cfg.out_dir, f"{cfg.mode}_curves.png"))
     moes = {n: r for n, r in results.items() if "load_frac" in r}
     if moes:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -868,8 +851,7 @@ def plot_curves(cfg, results, histories):
                title=f"Expert load, top-{cfg.top_k} of {cfg.n_experts} experts\n({run})")
         ax.title.set_fontsize(9)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(cfg.out_dir, "expert_load.png"), dpi=100)
+        save_png(fig, os.path.join(cfg.out_dir, "expert_load.png"))
 
 
 def run_comparison(cfg):
@@ -1125,6 +1107,30 @@ def log_jsonl(cfg, record):
     """Append one JSON object (an evaluation) to out_dir/log.jsonl."""
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def pyplot(what):
+    """matplotlib.pyplot, drawing to files only (Agg), or None after a one-line hint saying what is
+    not drawn: matplotlib stays optional, imported only where a figure is made."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: pip install matplotlib to get {what})")
+        return None
+    return plt
+
+
+def save_png(fig, path, dpi=100):
+    """Lay out, write and close a figure; written to a temporary name first, then renamed, so a
+    crash never leaves half a picture."""
+    import matplotlib.pyplot as plt  # already imported by pyplot()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=dpi)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

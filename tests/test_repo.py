@@ -9,6 +9,7 @@
 - every script answers --help, and every `python 0N_x.py ...` / `torchrun ... 0N_x.py ...` line in
   the READMEs' code blocks parses with that script's own parse_args (so the docs cannot drift).
 """
+import importlib.util
 import os
 import re
 import shlex
@@ -131,6 +132,22 @@ def test_plumbing_is_identical_in_every_script():
         assert lines == sections[first], (
             f"{script}'s plumbing differs from {first}'s: first differing line "
             f"{next((a, b) for a, b in zip(lines + [''] * 999, sections[first] + [''] * 999) if a != b)}")
+
+
+def test_figures_are_optional_and_written_whole(tmp_path, monkeypatch, capsys):
+    # the plumbing's pyplot/save_png, which every script's figures go through (identical in all seven)
+    mod = load_script(SCRIPTS[0])
+    if importlib.util.find_spec("matplotlib"):
+        plt = mod.pyplot("fig.png")
+        fig, ax = plt.subplots(figsize=(9, 5))
+        ax.plot([0, 1], [1, 0])
+        mod.save_png(fig, str(tmp_path / "fig.png"))
+        png = (tmp_path / "fig.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 900  # 9 in x 100 dpi
+        assert os.listdir(tmp_path) == ["fig.png"] and not plt.fignum_exists(fig.number)  # renamed, closed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: a hint, no figure, no error
+    assert mod.pyplot("fig.png") is None
+    assert "pip install matplotlib to get fig.png" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
