@@ -906,9 +906,10 @@ def _step_generator(cfg, step, micro, rank):
 
 def init_model(cfg, device="cpu", master=True):
     """The tokenizer and the model of --mode on `device`, started as --init_from says: scratch; resume
-    (the shape and vocabulary here, train() loads the weights); a pretraining checkpoint of ours; a
-    Hugging Face BERT. Distillation also gets its teacher. -> (model, tokenizer, teacher or None)"""
-    vocab, lower_case, args, state, teacher = None, True, None, None, None
+    (the shape and vocabulary here; train() hands the checkpoint to resume() for the weights); a
+    pretraining checkpoint of ours; a Hugging Face BERT. Distillation also gets its teacher.
+    -> (model, tokenizer, teacher or None, the checkpoint resumed or None)"""
+    vocab, lower_case, args, state, teacher, ckpt = None, True, None, None, None, None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, f"{cfg.mode}.pt"), cfg, stage=cfg.mode)
         vocab, lower_case, args = ckpt["vocab"], ckpt["lower_case"], ckpt["model_args"]
@@ -934,7 +935,7 @@ def init_model(cfg, device="cpu", master=True):
     else:
         model = make_student(cfg, teacher)
         teacher.to(device).eval()
-    return model.to(device), tok, teacher
+    return model.to(device), tok, teacher, ckpt
 
 
 def load_pretrained(cfg):
@@ -991,7 +992,7 @@ def train(cfg) -> dict:
     torch.manual_seed(cfg.seed + rank)
     if world_size > 1 and not master:
         dist.barrier()  # rank 0 downloads and trains the vocabulary first
-    model, tok, teacher = init_model(cfg, device, master)
+    model, tok, teacher, ckpt = init_model(cfg, device, master)
     make_data = pretrain_data if cfg.mode == "pretrain" else sst2_data
     stream, eval_batches, note = make_data(cfg, tok, rank, world_size, master)
     if world_size > 1 and master:
@@ -1002,7 +1003,7 @@ def train(cfg) -> dict:
     optimizer = configure_optimizer(model, cfg)
     step, best_val, ckpt_path = 0, float("inf"), os.path.join(cfg.out_dir, f"{cfg.mode}.pt")
     if cfg.init_from == "resume":
-        ckpt = resume(ckpt_path, cfg, model, optimizer, rank, world_size, stage=cfg.mode)
+        ckpt = resume(ckpt_path, cfg, model, optimizer, rank, world_size, stage=cfg.mode, ckpt=ckpt)
         step, best_val = ckpt["step"], ckpt["best_val"]
     raw_model = model
     if cfg.compile:

@@ -447,7 +447,7 @@ def records(out_dir):
 
 
 @pytest.mark.learning
-def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
+def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt")
     write_sst2(tmp_path / "data" / "sst2")
     common = ["--preset", "tiny", f"--corpus={corpus}", f"--data_dir={tmp_path / 'data'}", "--lr_decay_iters=60",
@@ -455,7 +455,11 @@ def test_cli_pretrain_resume_finetune_distill(m, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     m.main(common + [f"--out_dir={a}", "--max_iters=60"])  # uninterrupted
     m.main(common + [f"--out_dir={b}", "--max_iters=30"])  # interrupted at step 30 ...
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
     m.main(common + [f"--out_dir={b}", "--max_iters=60", "--init_from=resume"])  # ... and resumed
+    monkeypatch.undo()
+    assert reads.count(str(b / "pretrain.pt")) == 1, reads  # the checkpoint is read once
     out = capsys.readouterr().out
     assert "fill-mask at step 0:" in out and "fill-mask at step " in out
     ra, rb = records(a), records(b)
