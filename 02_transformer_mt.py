@@ -905,14 +905,16 @@ def score_bleu(cfg):
 def plot_bleu(cfg):
     """out_dir/bleu.png, from log.jsonl: this run's val loss and val BLEU at each evaluation and its
     test BLEU (a star at the last step), the picture of the numbers the training prints. Skipped, with
-    a hint, without matplotlib; `--init_from=resume` on a finished run draws it again."""
+    a hint, without matplotlib; `--init_from=resume` on a finished run draws it again. -> the evaluations
+    drawn (one per step)."""
     with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_bleu" in r]
     evals = evals[max((i for i, r in enumerate(evals) if r["step"] == 0), default=0):]  # the last run from scratch
+    evals = sorted({r["step"]: r for r in evals}.values(), key=lambda r: r["step"])  # a resumed step: its last record
     test = [r for r in records if "test_bleu" in r][-1]
     if (plt := pyplot("bleu.png")) is None:
-        return
+        return evals
     steps, bleus = [r["step"] for r in evals], [r["val_bleu"] for r in evals]
     fig, ax = plt.subplots(figsize=(9, 5))
     ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="C0", label="val loss (left axis)")
@@ -930,6 +932,7 @@ def plot_bleu(cfg):
                  f"d_model {cfg.d_model}, {cfg.n_head} heads, {cfg.n_layer}+{cfg.n_layer} layers, {cfg.norm}-LN, "
                  f"{cfg.pos} positions", fontsize=10)
     save_png(fig, os.path.join(cfg.out_dir, "bleu.png"))
+    return evals
 
 
 def plot_attention(cfg):

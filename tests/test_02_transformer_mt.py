@@ -365,9 +365,12 @@ def test_cli_train_resume_translate_attention(mod, tmp_path, capsys, monkeypatch
             png = (run / "bleu.png").read_bytes()
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 900
             assert len(png) <= 150_000
+    # resuming the finished run evaluates step 20 again: the figure keeps one point per step
+    mod.main([*common, f"--out_dir={out}", "--max_iters=20", "--init_from=resume"])
+    assert [e["step"] for e in read_log(out) if "val_bleu" in e] == [0, 10, 20, 20]
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: the run still ends, with a hint
-    mod.plot_bleu(mod.parse_args([*common, f"--out_dir={out}"]))
+    assert [e["step"] for e in mod.plot_bleu(mod.parse_args([*common, f"--out_dir={out}"]))] == [0, 10, 20]
     assert "pip install matplotlib to get bleu.png" in capsys.readouterr().out
     monkeypatch.undo()
     capsys.readouterr()
